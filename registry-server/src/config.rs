@@ -229,17 +229,6 @@ impl Settings {
             "registry.flush_interval must be greater than 0"
         );
 
-        // A buffered heartbeat must reach the database before the lease it
-        // renews can lapse, or another replica could expire a live worker.
-        let slack = registry.min_heartbeat_interval * (registry.missed_heartbeats - 1);
-        anyhow::ensure!(
-            registry.flush_interval < slack,
-            "registry.flush_interval ({:?}) must be shorter than registry.min_heartbeat_interval x \
-             (registry.missed_heartbeats - 1) = {:?}",
-            registry.flush_interval,
-            slack
-        );
-
         anyhow::ensure!(
             (0.0..=1.0).contains(&registry.mass_expiry_threshold),
             "registry.mass_expiry_threshold must be between 0 and 1, got {}",
@@ -255,6 +244,26 @@ impl Settings {
             "database.max_connections must be at least 1"
         );
         Ok(())
+    }
+
+    /// Returns warnings about settings that work but weaken a guarantee.
+    pub fn warnings(&self) -> Vec<String> {
+        let registry = &self.registry;
+        let mut warnings = Vec::new();
+
+        // A buffered heartbeat should reach the database before the lease
+        // it renews lapses there, or another replica sharing the database
+        // could expire a live worker, or let another instance take its name.
+        let slack = registry.min_heartbeat_interval * (registry.missed_heartbeats - 1);
+        if registry.flush_interval >= slack {
+            warnings.push(format!(
+                "registry.flush_interval ({:?}) is not shorter than registry.min_heartbeat_interval x \
+                 (registry.missed_heartbeats - 1) = {slack:?}; with several replicas on one database a worker \
+                 on the shortest interval may be expired by another replica while its heartbeat is buffered",
+                registry.flush_interval
+            ));
+        }
+        warnings
     }
 
     /// Returns the lease TTL granted with `interval`.

@@ -126,6 +126,9 @@ pub struct Leases {
     on_availability: Mutex<Option<AvailabilityHook>>,
     /// Serializes flushes, because the sweeper and shutdown flush too.
     flush_lock: tokio::sync::Mutex<()>,
+    /// Start of the last flush of any origin; the flusher waits a full
+    /// flush interval after it, so sweeps do not add statements on top.
+    last_flush: Mutex<Instant>,
     metrics: LeaseMetrics,
 }
 
@@ -149,6 +152,7 @@ impl Leases {
             },
             on_availability: Mutex::new(None),
             flush_lock: tokio::sync::Mutex::new(()),
+            last_flush: Mutex::new(Instant::now()),
             metrics: LeaseMetrics::default(),
         })
     }
@@ -347,6 +351,7 @@ impl Leases {
     /// next flush retries it.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _serialized = self.flush_lock.lock().await;
+        *self.last_flush.lock().expect("last flush lock") = Instant::now();
 
         let batch: Vec<HeartbeatWrite> = {
             let mut table = self.table.lock().expect("lease table lock");
@@ -476,15 +481,22 @@ impl Leases {
     }
 
     /// Runs the flusher until `shutdown` is cancelled, then flushes once more.
+    ///
+    /// A flush runs one flush interval after the previous one, whoever ran
+    /// it, so heartbeat statements stay at one per flush interval plus one
+    /// per sweep.
     pub async fn run_flusher(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.settings.flush_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures: u64 = 0;
 
         loop {
+            let due = *self.last_flush.lock().expect("last flush lock") + self.settings.flush_interval;
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            let last_flush = *self.last_flush.lock().expect("last flush lock");
+            if Instant::now() < last_flush + self.settings.flush_interval {
+                continue;
             }
 
             match self.flush().await {

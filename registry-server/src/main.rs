@@ -40,6 +40,9 @@ async fn main() -> std::process::ExitCode {
         }
     };
     init_logging(&settings);
+    for warning in settings.warnings() {
+        tracing::warn!("{warning}");
+    }
 
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings).await,
