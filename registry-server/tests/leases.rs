@@ -251,7 +251,7 @@ fn load_settings(dir: &std::path::Path) -> Settings {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         heartbeat_interval: Some(INTERVAL),
         min_heartbeat_interval: Some(Duration::from_millis(100)),
-        sweep_interval: Some(Duration::from_millis(500)),
+        sweep_interval: Some(Duration::from_secs(1)),
         flush_interval: Some(Duration::from_secs(1)),
         ..Flags::default()
     };
