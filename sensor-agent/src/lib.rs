@@ -1,0 +1,98 @@
+//! The sensor agent: it runs beside a sensor service, detects the runtimes
+//! installed on the host, registers with the worker registry, streams
+//! heartbeats and deregisters when stopped. It never opens a database.
+//!
+//! - [`cli`]: command-line flags.
+//! - [`config`]: layered configuration (defaults, YAML, environment, flags).
+//! - [`detect`] and [`probe`]: runtime detection with killed-on-timeout probes.
+//! - [`state`]: the instance id kept across restarts.
+//! - [`agent`]: the register, heartbeat and deregister loop.
+//! - [`backoff`]: retry delays with full jitter.
+//! - [`shutdown`]: SIGINT and SIGTERM handling.
+
+#![warn(missing_docs)]
+
+pub mod agent;
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod detect;
+pub mod probe;
+pub mod shutdown;
+pub mod state;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogFormat, Settings};
+
+/// Returns the system host name, or `localhost` when it cannot be read.
+pub fn system_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Starts logging to stderr in the configured format. `RUST_LOG` sets the
+/// filter and defaults to `info`.
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Detects runtimes and combines them with the configured list, logging
+/// each configured runtime that is not installed.
+pub async fn detect_runtimes(settings: &Settings) -> detect::Report {
+    let search_path = detect::process_search_path();
+    let detected = detect::detect(search_path.as_deref(), settings.probe_timeout).await;
+    let report = detect::resolve(detected, settings.runtimes.as_deref(), settings.runtimes_source);
+
+    for name in &report.not_detected {
+        tracing::warn!(
+            runtime = %name,
+            source = report.source.as_str(),
+            "configured runtime not detected on this host; registering it anyway because configuration wins"
+        );
+    }
+    report
+}
+
+/// Runs the agent until SIGINT or SIGTERM, then deregisters.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // Handlers go in first, so that a signal during detection already
+    // stops the agent cleanly.
+    let shutdown = shutdown::install()?;
+
+    let report = detect_runtimes(&settings).await;
+    for runtime in &report.runtimes {
+        tracing::info!(
+            name = %runtime.name,
+            version = %runtime.version,
+            path = %runtime.path,
+            source = report.source.as_str(),
+            "runtime"
+        );
+    }
+
+    let instance = state::load_or_create(settings.state_dir.as_deref())?;
+    tracing::info!(
+        worker_name = %settings.worker_name,
+        instance_id = %instance.id,
+        registry = ?settings.registry_urls,
+        heartbeat_interval = %humantime::format_duration(settings.heartbeat_interval),
+        "starting"
+    );
+
+    let agent = agent::Agent::new(&settings, &report.runtimes, &instance.id, shutdown)?;
+    agent.run().await?;
+
+    tracing::info!("stopped");
+    Ok(())
+}
