@@ -67,7 +67,8 @@ impl AgentProcess {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            // Agents log reconnect attempts to stderr; a file keeps test output readable.
+            .stderr(std::fs::File::create(state_dir.join(format!("{name}.log"))).unwrap())
             .spawn()
             .expect("start sensor-agent");
         AgentProcess { child }
@@ -150,20 +151,42 @@ async fn killed_agent_expires_within_bound() {
     let server = ServerProcess::start(&sqlite_url(dir.path()), &FAST_SERVER);
     let mut client = connect(&server.url()).await;
     let mut agent = AgentProcess::start(&server.url(), "killed-agent", dir.path());
-    let registered = wait_status(&mut client, "killed-agent", proto::WorkerStatus::Active, Duration::from_secs(10)).await;
+    let registered = wait_status(
+        &mut client,
+        "killed-agent",
+        proto::WorkerStatus::Active,
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(registered.is_some(), "agent registered");
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
     agent.kill();
-    let delay = wait_status(&mut client, "killed-agent", proto::WorkerStatus::Inactive, Duration::from_secs(5)).await;
+    let delay = wait_status(
+        &mut client,
+        "killed-agent",
+        proto::WorkerStatus::Inactive,
+        Duration::from_secs(5),
+    )
+    .await;
 
     // TTL 600 ms + sweep 200 ms + flush 100 ms, measured from the kill,
     // which comes at most one interval after the last heartbeat.
     let bound = Duration::from_millis(3 * INTERVAL_MS + 200 + 100);
     let delay = delay.expect("killed agent became inactive");
-    println!("killed agent inactive {} ms after SIGKILL (bound {} ms)", delay.as_millis(), bound.as_millis());
-    assert!(delay <= bound + Duration::from_millis(300), "inactive after {delay:?}, bound {bound:?}");
-    assert!(delay >= Duration::from_millis(3 * INTERVAL_MS - INTERVAL_MS), "not before the TTL: {delay:?}");
+    println!(
+        "killed agent inactive {} ms after SIGKILL (bound {} ms)",
+        delay.as_millis(),
+        bound.as_millis()
+    );
+    assert!(
+        delay <= bound + Duration::from_millis(300),
+        "inactive after {delay:?}, bound {bound:?}"
+    );
+    assert!(
+        delay >= Duration::from_millis(3 * INTERVAL_MS - INTERVAL_MS),
+        "not before the TTL: {delay:?}"
+    );
 }
 
 /// An agent frozen with SIGSTOP for three TTLs expires exactly once and is
@@ -174,9 +197,14 @@ async fn frozen_agent_expires_once() {
     let server = ServerProcess::start(&sqlite_url(dir.path()), &FAST_SERVER);
     let mut client = connect(&server.url()).await;
     let agent = AgentProcess::start(&server.url(), "frozen-agent", dir.path());
-    wait_status(&mut client, "frozen-agent", proto::WorkerStatus::Active, Duration::from_secs(10))
-        .await
-        .expect("agent registered");
+    wait_status(
+        &mut client,
+        "frozen-agent",
+        proto::WorkerStatus::Active,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("agent registered");
     let id = worker(&mut client, "frozen-agent").await.unwrap().id;
 
     agent.signal(libc::SIGSTOP);
@@ -184,19 +212,37 @@ async fn frozen_agent_expires_once() {
     assert!(!is_active(&mut client, "frozen-agent").await, "frozen agent expired");
     agent.signal(libc::SIGCONT);
 
-    let back = wait_status(&mut client, "frozen-agent", proto::WorkerStatus::Active, Duration::from_secs(5))
-        .await
-        .expect("agent active again after SIGCONT");
+    let back = wait_status(
+        &mut client,
+        "frozen-agent",
+        proto::WorkerStatus::Active,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("agent active again after SIGCONT");
     println!("frozen agent active again {} ms after SIGCONT", back.as_millis());
-    assert!(back <= Duration::from_millis(2 * INTERVAL_MS + 300), "back after {back:?}");
-    assert_eq!(worker(&mut client, "frozen-agent").await.unwrap().id, id, "same worker id");
+    assert!(
+        back <= Duration::from_millis(2 * INTERVAL_MS + 300),
+        "back after {back:?}"
+    );
+    assert_eq!(
+        worker(&mut client, "frozen-agent").await.unwrap().id,
+        id,
+        "same worker id"
+    );
 
     // Watch for flapping: the worker stays active for ten intervals.
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(INTERVAL_MS / 2)).await;
-        assert!(is_active(&mut client, "frozen-agent").await, "no flapping after the return");
+        assert!(
+            is_active(&mut client, "frozen-agent").await,
+            "no flapping after the return"
+        );
     }
-    let expiries = expired_names(&server).iter().filter(|name| *name == "frozen-agent").count();
+    let expiries = expired_names(&server)
+        .iter()
+        .filter(|name| *name == "frozen-agent")
+        .count();
     assert_eq!(expiries, 1, "expired exactly once");
 }
 
@@ -212,16 +258,24 @@ async fn duplicate_name_waits_for_expiry() {
     let mut client = connect(&server.url()).await;
 
     let mut first = AgentProcess::start(&server.url(), "shared-name", &first_dir);
-    wait_status(&mut client, "shared-name", proto::WorkerStatus::Active, Duration::from_secs(10))
-        .await
-        .expect("first agent registered");
+    wait_status(
+        &mut client,
+        "shared-name",
+        proto::WorkerStatus::Active,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("first agent registered");
     let holder = worker(&mut client, "shared-name").await.unwrap();
     let _second = AgentProcess::start(&server.url(), "shared-name", &second_dir);
 
     for _ in 0..15 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let current = worker(&mut client, "shared-name").await.unwrap();
-        assert_eq!(current.instance_id, holder.instance_id, "the live holder keeps its name");
+        assert_eq!(
+            current.instance_id, holder.instance_id,
+            "the live holder keeps its name"
+        );
         assert_eq!(current.status, proto::WorkerStatus::Active as i32);
     }
 
@@ -238,9 +292,15 @@ async fn duplicate_name_waits_for_expiry() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let taken_over = taken_over.expect("second agent took over after the first expired");
-    println!("second agent took over {} ms after the first was killed", started.elapsed().as_millis());
+    println!(
+        "second agent took over {} ms after the first was killed",
+        started.elapsed().as_millis()
+    );
     assert_eq!(taken_over.id, holder.id, "same worker id");
-    assert!(started.elapsed() >= Duration::from_millis(2 * INTERVAL_MS), "not before the first lease lapsed");
+    assert!(
+        started.elapsed() >= Duration::from_millis(2 * INTERVAL_MS),
+        "not before the first lease lapsed"
+    );
 }
 
 /// An agent restarted after SIGKILL with the same instance id takes over
@@ -255,7 +315,14 @@ async fn restarted_agent_takes_over_at_once() {
         let mut command = Command::new(agent_binary());
         command
             .args(["--registry-url", &server.url(), "--worker-name", "restarted-agent"])
-            .args(["--heartbeat-interval", "1s", "--runtimes", "shell", "--log-format", "json"])
+            .args([
+                "--heartbeat-interval",
+                "1s",
+                "--runtimes",
+                "shell",
+                "--log-format",
+                "json",
+            ])
             .arg("--state-dir")
             .arg(dir)
             .env("RUST_LOG", "warn")
@@ -266,9 +333,14 @@ async fn restarted_agent_takes_over_at_once() {
         }
     };
     let mut agent = command_agent(dir.path());
-    wait_status(&mut client, "restarted-agent", proto::WorkerStatus::Active, Duration::from_secs(10))
-        .await
-        .expect("agent registered");
+    wait_status(
+        &mut client,
+        "restarted-agent",
+        proto::WorkerStatus::Active,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("agent registered");
     let before = worker(&mut client, "restarted-agent").await.unwrap();
 
     agent.kill();
@@ -277,15 +349,24 @@ async fn restarted_agent_takes_over_at_once() {
     let mut after = None;
     while started.elapsed() < Duration::from_secs(5) {
         let current = worker(&mut client, "restarted-agent").await.unwrap();
-        if current.updated != before.updated && current.created == before.created && current.last_heartbeat != before.last_heartbeat {
+        if current.updated != before.updated
+            && current.created == before.created
+            && current.last_heartbeat != before.last_heartbeat
+        {
             after = Some(current);
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let after = after.expect("restarted agent registered again");
-    println!("restarted agent registered {} ms after SIGKILL", started.elapsed().as_millis());
-    assert!(started.elapsed() < Duration::from_secs(3), "took over before the 3 s TTL");
+    println!(
+        "restarted agent registered {} ms after SIGKILL",
+        started.elapsed().as_millis()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took over before the 3 s TTL"
+    );
     assert_eq!(after.id, before.id);
     assert_eq!(after.instance_id, before.instance_id);
     assert_eq!(after.status, proto::WorkerStatus::Active as i32);
@@ -302,13 +383,34 @@ fn free_port() -> u16 {
 async fn outage_does_not_expire_fleet() {
     let dir = tempfile::tempdir().unwrap();
     let database = sqlite_url(dir.path());
-    let port = free_port().to_string();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{}", free_port());
     let url = format!("http://{listen}");
+    // The default command listens on port 0; this one keeps a fixed port
+    // so the agents find the restarted registry at the same address.
     let server_args = |extra: &[&'static str]| {
         let mut command = server_command(&database, &FAST_SERVER);
-        command.args(["--listen", &listen]).args(extra);
-        command
+        let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let mut fixed = Command::new(command.get_program());
+        for (key, _) in std::env::vars() {
+            if key.starts_with("ATTUNE") {
+                fixed.env_remove(key);
+            }
+        }
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            if arg == "--listen" {
+                args.next();
+                fixed.args(["--listen", &listen]);
+            } else {
+                fixed.arg(arg);
+            }
+        }
+        fixed
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        fixed
     };
 
     let mut first = ServerProcess::spawn(server_args(&[]), &database);
@@ -351,12 +453,21 @@ async fn outage_does_not_expire_fleet() {
         let delay = wait_status(&mut client, name, proto::WorkerStatus::Inactive, Duration::from_secs(5))
             .await
             .unwrap_or_else(|| panic!("{name} killed during the outage became inactive"));
-        assert!(restarted_at.elapsed() >= Duration::from_millis(3 * INTERVAL_MS), "{name} kept its grace");
+        assert!(
+            restarted_at.elapsed() >= Duration::from_millis(3 * INTERVAL_MS),
+            "{name} kept its grace"
+        );
         let _ = delay;
     }
     let settled = restarted_at.elapsed();
-    println!("agents killed during the outage were inactive {} ms after the restart", settled.as_millis());
-    assert!(settled <= Duration::from_millis(2 * 3 * INTERVAL_MS + 200 + 100 + 500), "within grace + TTL: {settled:?}");
+    println!(
+        "agents killed during the outage were inactive {} ms after the restart",
+        settled.as_millis()
+    );
+    assert!(
+        settled <= Duration::from_millis(2 * 3 * INTERVAL_MS + 200 + 100 + 500),
+        "within grace + TTL: {settled:?}"
+    );
 
     // Returning agents: active throughout, with their old ids.
     for _ in 0..10 {
@@ -364,7 +475,11 @@ async fn outage_does_not_expire_fleet() {
             let name = format!("fleet-{index:02}");
             let current = worker(&mut client, &name).await.expect("worker readable");
             assert_eq!(current.id, ids[&name], "{name} kept its id");
-            assert_eq!(current.status, proto::WorkerStatus::Active as i32, "{name} never flipped");
+            assert_eq!(
+                current.status,
+                proto::WorkerStatus::Active as i32,
+                "{name} never flipped"
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
