@@ -311,7 +311,7 @@ async fn restarted_agent_takes_over_at_once() {
     // A long lease (interval 1 s, TTL 3 s) makes "at once" measurable.
     let server = ServerProcess::start(&sqlite_url(dir.path()), &[]);
     let mut client = connect(&server.url()).await;
-    let mut command_agent = |dir: &Path| {
+    let command_agent = |dir: &Path| {
         let mut command = Command::new(agent_binary());
         command
             .args(["--registry-url", &server.url(), "--worker-name", "restarted-agent"])
@@ -388,7 +388,7 @@ async fn outage_does_not_expire_fleet() {
     // The default command listens on port 0; this one keeps a fixed port
     // so the agents find the restarted registry at the same address.
     let server_args = |extra: &[&'static str]| {
-        let mut command = server_command(&database, &FAST_SERVER);
+        let command = server_command(&database, &FAST_SERVER);
         let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let mut fixed = Command::new(command.get_program());
         for (key, _) in std::env::vars() {
