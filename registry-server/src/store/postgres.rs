@@ -290,8 +290,9 @@ impl Store for PostgresStore {
 
         let batch = HeartbeatBatch::new(heartbeats);
         self.bounded(async {
-            // UPDATE ... FROM updates a row at most once even when several
-            // input rows match it, so the batch contains one entry per worker and token.
+            // When several input rows match one worker, UPDATE ... FROM
+            // uses one of them and PostgreSQL does not define which, so the
+            // batch keeps only the latest heartbeat per worker and token.
             let rows = sqlx::query(
                 r#"
                 UPDATE worker AS w
@@ -718,4 +719,72 @@ fn capabilities_object(id: i64, value: Json) -> Result<Map<String, Json>, sqlx::
 /// a manual edit could write, count as zero.
 fn stored_duration(milliseconds: i64) -> Duration {
     Duration::from_millis(u64::try_from(milliseconds).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Proves that connection, shutdown, timeout and resource SQLSTATEs count as unavailable and others do not.
+    #[test]
+    fn sqlstate_classification() {
+        let unavailable = [
+            "08000", "08006", "08P01", "53100", "53300", "57P01", "57P02", "57P03", "57014",
+        ];
+        for code in unavailable {
+            assert!(is_unavailable_sqlstate(code), "{code} must be unavailable");
+        }
+
+        let internal = ["23505", "40001", "42P01", "22P02", "57000", "XX000", ""];
+        for code in internal {
+            assert!(!is_unavailable_sqlstate(code), "{code} must be internal");
+        }
+    }
+
+    /// Proves that transport and pool errors map to Unavailable and decode errors to Internal.
+    #[test]
+    fn error_mapping() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(
+            map_error(sqlx::Error::Io(refused)),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            map_error(sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(map_error(sqlx::Error::PoolClosed), StoreError::Unavailable(_)));
+        assert!(matches!(map_error(sqlx::Error::RowNotFound), StoreError::Internal(_)));
+        let decode = sqlx::Error::ColumnDecode {
+            index: "status".into(),
+            source: "bad label".into(),
+        };
+        assert!(matches!(map_error(decode), StoreError::Internal(_)));
+    }
+
+    /// Proves that timestamps lose their sub-millisecond part, as in the SQLite store.
+    #[test]
+    fn db_time_truncates_to_milliseconds() {
+        let precise = DateTime::parse_from_rfc3339("2026-01-31T12:00:00.123987654Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let expected = DateTime::parse_from_rfc3339("2026-01-31T12:00:00.123Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(db_time(precise), expected);
+    }
+
+    /// Proves that a heartbeat age reaching before the year 1 gives no cutoff.
+    #[test]
+    fn heartbeat_cutoff_bounds() {
+        let now = DateTime::parse_from_rfc3339("2026-01-31T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let expected = DateTime::parse_from_rfc3339("2026-01-31T11:59:30Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(heartbeat_cutoff(now, Duration::from_secs(30)), Some(expected));
+        assert_eq!(heartbeat_cutoff(now, Duration::from_secs(3000 * 365 * 86_400)), None);
+        assert_eq!(heartbeat_cutoff(now, Duration::from_secs(u64::MAX)), None);
+    }
 }
