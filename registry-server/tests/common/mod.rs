@@ -151,11 +151,14 @@ impl ServerProcess {
                     eprintln!("server: {line}");
                     continue;
                 };
-                if entry["fields"]["message"] == "listening" {
-                    let address = entry["fields"]["address"].as_str().unwrap_or_default().to_string();
+                // The entry is stored before the address is sent, so the
+                // listening line is in the logs once `spawn` returns.
+                let address = (entry["fields"]["message"] == "listening")
+                    .then(|| entry["fields"]["address"].as_str().unwrap_or_default().to_string());
+                sink.lock().unwrap().push(entry);
+                if let Some(address) = address {
                     let _ = address_sender.send(address);
                 }
-                sink.lock().unwrap().push(entry);
             }
         });
 
