@@ -258,15 +258,41 @@ pub async fn open(url: &str, options: &PoolOptions) -> anyhow::Result<Arc<dyn St
     }
 }
 
-/// Replaces the password in a database URL with `***` for logs.
+/// Replaces the password in a database URL with `***` for logs: the one in
+/// the user info and the `password` query parameter, which sqlx and libpq
+/// also accept. When the URL does not parse, everything between `://` and
+/// the last `@` is replaced, because the password position is unknown.
 pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_string(),
+    const MASK: &str = "***";
+
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return match (url.find("://"), url.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                format!("{}{MASK}{}", &url[..scheme_end + 3], &url[at..])
+            }
+            _ => url.to_string(),
+        };
+    };
+
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some(MASK));
     }
+
+    if parsed.query_pairs().any(|(key, _)| key == "password") {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(key, value)| {
+                let value = if key == "password" {
+                    MASK.to_string()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
 }
 
 /// Formats a timestamp the way the SQLite store keeps it: fixed width,

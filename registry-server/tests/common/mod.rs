@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_client::HealthClient;
 use worker_registry::proto;
 use worker_registry::proto::worker_registry_client::WorkerRegistryClient;
 
@@ -38,9 +39,10 @@ pub fn sqlite_url(dir: &Path) -> String {
     format!("sqlite://{}", dir.join("registry.db").display())
 }
 
-/// Builds the base command: JSON logs, a free loopback port, the given
-/// database, and no `ATTUNE` variables inherited from the test environment.
-pub fn server_command(database_url: &str, extra_args: &[&str]) -> Command {
+/// Builds a command for the server binary with JSON logs on stdout and no
+/// `ATTUNE` variables inherited from the test environment. It sets neither
+/// a listen address nor a database, so callers choose how to supply them.
+pub fn base_command(extra_args: &[&str]) -> Command {
     let mut command = Command::new(server_binary());
     for (key, _) in std::env::vars() {
         if key.starts_with("ATTUNE") {
@@ -48,20 +50,83 @@ pub fn server_command(database_url: &str, extra_args: &[&str]) -> Command {
         }
     }
     command
-        .args([
-            "--log-format",
-            "json",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            database_url,
-        ])
+        .args(["--log-format", "json"])
         .args(extra_args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     command
+}
+
+/// Builds the usual server command: [`base_command`] with a free loopback
+/// port and the given database.
+pub fn server_command(database_url: &str, extra_args: &[&str]) -> Command {
+    let mut command = base_command(&["--listen", "127.0.0.1:0", "--database-url", database_url]);
+    command.args(extra_args);
+    command
+}
+
+/// Exit status and captured output of a process that ran to completion.
+#[derive(Debug)]
+pub struct CommandOutput {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything written to stdout, decoded lossily as UTF-8.
+    pub stdout: String,
+    /// Everything written to stderr, decoded lossily as UTF-8.
+    pub stderr: String,
+}
+
+/// Runs `command` with `stdin` as its input and captures stdout and stderr.
+/// Panics, after killing the process, if it has not exited within `timeout`.
+pub fn run_to_completion(mut command: Command, stdin: &[u8], timeout: Duration) -> CommandOutput {
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command
+        .spawn()
+        .unwrap_or_else(|e| panic!("failed to start {program}: {e}"));
+
+    // Separate threads drain the pipes, so a child that writes more than
+    // a pipe buffer holds cannot block before it exits.
+    let input = stdin.to_vec();
+    let mut child_stdin = child.stdin.take().expect("stdin is piped");
+    let writer = std::thread::spawn(move || {
+        let _ = child_stdin.write_all(&input);
+    });
+    let stdout_reader = read_to_end_in_thread(child.stdout.take().expect("stdout is piped"));
+    let stderr_reader = read_to_end_in_thread(child.stderr.take().expect("stderr is piped"));
+
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{program} did not exit within {timeout:?}; killed it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+
+    let _ = writer.join();
+    CommandOutput {
+        status,
+        stdout: stdout_reader.join().expect("stdout reader"),
+        stderr: stderr_reader.join().expect("stderr reader"),
+    }
+}
+
+fn read_to_end_in_thread(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
 }
 
 impl ServerProcess {
@@ -86,11 +151,14 @@ impl ServerProcess {
                     eprintln!("server: {line}");
                     continue;
                 };
-                if entry["fields"]["message"] == "listening" {
-                    let address = entry["fields"]["address"].as_str().unwrap_or_default().to_string();
+                // The entry is stored before the address is sent, so the
+                // listening line is in the logs once `spawn` returns.
+                let address = (entry["fields"]["message"] == "listening")
+                    .then(|| entry["fields"]["address"].as_str().unwrap_or_default().to_string());
+                sink.lock().unwrap().push(entry);
+                if let Some(address) = address {
                     let _ = address_sender.send(address);
                 }
-                sink.lock().unwrap().push(entry);
             }
         });
 
@@ -121,15 +189,24 @@ impl ServerProcess {
         self.child.id()
     }
 
-    /// Connects a registry client.
-    pub async fn client(&self) -> WorkerRegistryClient<Channel> {
-        let channel = Endpoint::from_shared(self.url())
+    /// Opens a gRPC channel to the server.
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
-            .expect("connect to registry-server");
-        WorkerRegistryClient::new(channel)
+            .expect("connect to registry-server")
+    }
+
+    /// Connects a registry client.
+    pub async fn client(&self) -> WorkerRegistryClient<Channel> {
+        WorkerRegistryClient::new(self.channel().await)
+    }
+
+    /// Connects a `grpc.health.v1.Health` client.
+    pub async fn health_client(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel().await)
     }
 
     /// Sends a signal to the server process.
