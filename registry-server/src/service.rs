@@ -86,7 +86,7 @@ type HeartbeatStream = Pin<Box<dyn Stream<Item = Result<proto::HeartbeatResponse
 
 #[tonic::async_trait]
 impl WorkerRegistry for RegistryService {
-    #[instrument(name = "rpc.register", skip_all, fields(name = %request.get_ref().name, worker_id))]
+    #[instrument(name = "rpc.register", skip_all, fields(worker_name = %request.get_ref().name, worker_id))]
     async fn register(
         &self,
         request: Request<proto::RegisterRequest>,

@@ -62,7 +62,11 @@ async fn replicas_share_workers_and_leases() {
 
     // Heartbeat through B for five TTLs; A must keep seeing a live worker.
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
-    let mut responses = client_b.heartbeat(ReceiverStream::new(receiver)).await.unwrap().into_inner();
+    let mut responses = client_b
+        .heartbeat(ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
     for _ in 0..15 {
         let request = proto::HeartbeatRequest {
             worker_id: id,
@@ -70,11 +74,23 @@ async fn replicas_share_workers_and_leases() {
             status: 0,
         };
         sender.send(request).await.unwrap();
-        responses.message().await.expect("heartbeat accepted by B").expect("stream open");
+        responses
+            .message()
+            .await
+            .expect("heartbeat accepted by B")
+            .expect("stream open");
         tokio::time::sleep(Duration::from_millis(200)).await;
 
-        let seen_by_a = client_a.get(proto::GetRequest { key: Some(Key::Id(id)) }).await.unwrap().into_inner();
-        assert_eq!(seen_by_a.worker.unwrap().status, proto::WorkerStatus::Active as i32, "A sees a live lease");
+        let seen_by_a = client_a
+            .get(proto::GetRequest { key: Some(Key::Id(id)) })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            seen_by_a.worker.unwrap().status,
+            proto::WorkerStatus::Active as i32,
+            "A sees a live lease"
+        );
     }
 
     assert!(expired_names(&first).is_empty(), "A expired nothing");
@@ -106,11 +122,19 @@ async fn replicas_expire_each_worker_once() {
         client.register(register_request(&name, &name)).await.unwrap();
         stale.push(name);
     }
-    let live = client_b.register(register_request("live", "inst-live")).await.unwrap().into_inner();
+    let live = client_b
+        .register(register_request("live", "inst-live"))
+        .await
+        .unwrap()
+        .into_inner();
     let live_id = live.worker.unwrap().id;
 
     let (sender, receiver) = tokio::sync::mpsc::channel(1);
-    let mut responses = client_a.heartbeat(ReceiverStream::new(receiver)).await.unwrap().into_inner();
+    let mut responses = client_a
+        .heartbeat(ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
     while tokio::time::Instant::now() < deadline {
         let request = proto::HeartbeatRequest {
@@ -119,7 +143,11 @@ async fn replicas_expire_each_worker_once() {
             status: 0,
         };
         sender.send(request).await.unwrap();
-        responses.message().await.expect("live heartbeat accepted").expect("stream open");
+        responses
+            .message()
+            .await
+            .expect("live heartbeat accepted")
+            .expect("stream open");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -133,12 +161,22 @@ async fn replicas_expire_each_worker_once() {
         expired_names(&second).len()
     );
     for name in &stale {
-        assert_eq!(counts.get(name), Some(&1), "{name} expired exactly once across both replicas");
+        assert_eq!(
+            counts.get(name),
+            Some(&1),
+            "{name} expired exactly once across both replicas"
+        );
     }
     assert_eq!(counts.get("live"), None, "the live worker was never expired");
     assert_eq!(counts.len(), stale.len(), "nothing else expired");
 
-    let live_now = client_b.get(proto::GetRequest { key: Some(Key::Id(live_id)) }).await.unwrap().into_inner();
+    let live_now = client_b
+        .get(proto::GetRequest {
+            key: Some(Key::Id(live_id)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(live_now.worker.unwrap().status, proto::WorkerStatus::Active as i32);
 }
 
@@ -159,9 +197,21 @@ async fn platform_queries_after_grpc() {
         path: format!("/usr/bin/{name}"),
     };
     let workers = [
-        ("sensor-py", proto::WorkerRole::Sensor, vec![runtime("python3"), runtime("bash")]),
-        ("sensor-node", proto::WorkerRole::Sensor, vec![runtime("node"), runtime("bash")]),
-        ("sensor-both", proto::WorkerRole::Sensor, vec![runtime("python"), runtime("nodejs")]),
+        (
+            "sensor-py",
+            proto::WorkerRole::Sensor,
+            vec![runtime("python3"), runtime("bash")],
+        ),
+        (
+            "sensor-node",
+            proto::WorkerRole::Sensor,
+            vec![runtime("node"), runtime("bash")],
+        ),
+        (
+            "sensor-both",
+            proto::WorkerRole::Sensor,
+            vec![runtime("python"), runtime("nodejs")],
+        ),
         ("action-py", proto::WorkerRole::Action, vec![runtime("python3")]),
         ("sensor-gone", proto::WorkerRole::Sensor, vec![runtime("python3")]),
     ];
@@ -190,12 +240,11 @@ async fn platform_queries_after_grpc() {
             .unwrap();
     assert_eq!(labels, ["action", "sensor", "hybrid"]);
 
-    let sensors = sqlx::query(
-        "SELECT id, name, worker_role, status, capabilities FROM worker WHERE worker_role = 'sensor'",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let sensors =
+        sqlx::query("SELECT id, name, worker_role, status, capabilities FROM worker WHERE worker_role = 'sensor'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     let mut sensor_names: Vec<String> = sensors.iter().map(|row| row.get::<String, _>("name")).collect();
     sensor_names.sort();
     assert_eq!(sensor_names, ["sensor-both", "sensor-gone", "sensor-node", "sensor-py"]);
@@ -209,7 +258,11 @@ async fn platform_queries_after_grpc() {
     .unwrap();
     let mut python_names: Vec<String> = python.iter().map(|row| row.get::<String, _>(0)).collect();
     python_names.sort();
-    assert_eq!(python_names, ["sensor-both", "sensor-gone", "sensor-py"], "exactly the sensors that reported python");
+    assert_eq!(
+        python_names,
+        ["sensor-both", "sensor-gone", "sensor-py"],
+        "exactly the sensors that reported python"
+    );
     for row in &python {
         let runtimes: serde_json::Value = row.get(1);
         assert!(runtimes.as_array().unwrap().contains(&serde_json::json!("python")));
@@ -227,7 +280,10 @@ async fn platform_queries_after_grpc() {
     assert_eq!(active_names, ["sensor-both", "sensor-node", "sensor-py"]);
     for row in &lag {
         let lag: sqlx::postgres::types::PgInterval = row.get("lag");
-        assert!(lag.microseconds.abs() < 60_000_000, "lag of a fresh worker is under a minute");
+        assert!(
+            lag.microseconds.abs() < 60_000_000,
+            "lag of a fresh worker is under a minute"
+        );
     }
     pool.close().await;
 }

@@ -197,10 +197,11 @@ pub trait Store: Send + Sync + 'static {
     /// whose worker is no longer active or busy, updates nothing.
     async fn write_heartbeats(&self, heartbeats: &[HeartbeatWrite]) -> StoreResult<Vec<i64>>;
 
-    /// Ends the session: sets status inactive and clears the token hash.
+    /// Ends the session: sets status inactive. The token hash stays, so a
+    /// repeated Deregister with the same token succeeds again, while
+    /// Heartbeat rejects it because the worker is no longer live.
     /// Fails with [`StoreError::NotFound`] for an unknown id and
     /// [`StoreError::Superseded`] when the token is not the current one.
-    /// A worker already deregistered with the same token succeeds again.
     async fn deregister(&self, worker_id: i64, token_hash: &[u8], now: DateTime<Utc>) -> StoreResult<WorkerRecord>;
 
     /// Reads one worker by id.

@@ -210,7 +210,7 @@ impl Store for PostgresStore {
         .await
     }
 
-    #[instrument(skip_all, name = "store.postgres.register", fields(name = %grant.registration.name))]
+    #[instrument(skip_all, name = "store.postgres.register", fields(worker_name = %grant.registration.name))]
     async fn register(&self, grant: &LeaseGrant<'_>) -> StoreResult<WorkerRecord> {
         self.bounded(async {
             let name = &grant.registration.name;

@@ -155,7 +155,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    #[instrument(name = "store.sqlite.register", skip_all, fields(name = %grant.registration.name))]
+    #[instrument(name = "store.sqlite.register", skip_all, fields(worker_name = %grant.registration.name))]
     async fn register(&self, grant: &LeaseGrant<'_>) -> StoreResult<WorkerRecord> {
         let registration = grant.registration;
         let now = format_sqlite_time(grant.now);
@@ -390,10 +390,22 @@ impl Store for SqliteStore {
         }
 
         if let Some(age) = filter.max_heartbeat_age {
-            let cutoff = now - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
-            query
-                .push(" AND last_heartbeat >= ")
-                .push_bind(format_sqlite_time(cutoff));
+            // An age reaching before the first representable time matches
+            // every worker that has sent a heartbeat at all.
+            let cutoff = chrono::Duration::from_std(age)
+                .ok()
+                .and_then(|age| now.checked_sub_signed(age))
+                .filter(|cutoff| cutoff.timestamp() >= 0);
+            match cutoff {
+                Some(cutoff) => {
+                    query
+                        .push(" AND last_heartbeat >= ")
+                        .push_bind(format_sqlite_time(cutoff));
+                }
+                None => {
+                    query.push(" AND last_heartbeat IS NOT NULL");
+                }
+            }
         }
 
         if !filter.name_prefix.is_empty() {
@@ -415,12 +427,15 @@ impl Store for SqliteStore {
         let row = sqlx::query(
             "SELECT
                  COUNT(*) AS live,
-                 COALESCE(SUM(CASE WHEN lease_expires < ?1 AND lease_ttl_ms <= ?2 THEN 1 ELSE 0 END), 0) AS expirable
+                 COALESCE(SUM(CASE WHEN lease_expires < ?1 AND lease_ttl_ms <= ?2
+                                        AND id NOT IN (SELECT value FROM json_each(?3))
+                                   THEN 1 ELSE 0 END), 0) AS expirable
              FROM worker
              WHERE status IN ('active', 'busy')",
         )
         .bind(format_sqlite_time(sweep.now)) // ?1
         .bind(duration_ms(sweep.since_regained)) // ?2
+        .bind(Json::from(sweep.exclude_ids.clone()).to_string()) // ?3
         .fetch_one(&self.pool)
         .await
         .map_err(map_error)?;
