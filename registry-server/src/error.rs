@@ -3,7 +3,7 @@
 //! Database details are logged here and never sent to clients.
 
 use tonic::Status;
-use tracing::error;
+use tracing::{error, warn};
 use worker_registry::validation::ValidationError;
 
 use crate::lease::HeartbeatError;
@@ -57,7 +57,7 @@ fn store_status(error: StoreError) -> Status {
             Status::failed_precondition("session was superseded by a newer registration; this token is no longer valid")
         }
         StoreError::Unavailable(detail) => {
-            error!(error = %detail, "database unavailable");
+            warn!(error = %detail, "database unavailable");
             Status::unavailable("database unavailable; retry with backoff")
         }
         StoreError::Internal(detail) => {
