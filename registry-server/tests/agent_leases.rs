@@ -15,6 +15,11 @@ use tonic::transport::Channel;
 use worker_registry::proto::worker_registry_client::WorkerRegistryClient;
 use worker_registry::proto::{self, get_request::Key};
 
+/// Serializes the tests of this file: each measures delays of a few hundred
+/// milliseconds, which two of them running side by side on a small machine
+/// would stretch.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Heartbeat interval the agents request; the lease TTL is three of them.
 const INTERVAL_MS: u64 = 200;
 /// Server flags that allow the short test interval and sweep often.
@@ -147,6 +152,7 @@ fn expired_names(server: &ServerProcess) -> Vec<String> {
 /// flush interval of its last heartbeat.
 #[tokio::test]
 async fn killed_agent_expires_within_bound() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(&sqlite_url(dir.path()), &FAST_SERVER);
     let mut client = connect(&server.url()).await;
@@ -193,6 +199,7 @@ async fn killed_agent_expires_within_bound() {
 /// active again under the same id soon after SIGCONT, without flapping.
 #[tokio::test]
 async fn frozen_agent_expires_once() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let server = ServerProcess::start(&sqlite_url(dir.path()), &FAST_SERVER);
     let mut client = connect(&server.url()).await;
@@ -250,6 +257,7 @@ async fn frozen_agent_expires_once() {
 /// the first is alive, then takes over the same worker id once it expired.
 #[tokio::test]
 async fn duplicate_name_waits_for_expiry() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (first_dir, second_dir) = (dir.path().join("first"), dir.path().join("second"));
     std::fs::create_dir_all(&first_dir).unwrap();
@@ -307,6 +315,7 @@ async fn duplicate_name_waits_for_expiry() {
 /// its own live lease at once, before the TTL runs out.
 #[tokio::test]
 async fn restarted_agent_takes_over_at_once() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     // A long lease (interval 1 s, TTL 3 s) makes "at once" measurable.
     let server = ServerProcess::start(&sqlite_url(dir.path()), &[]);
@@ -381,6 +390,7 @@ fn free_port() -> u16 {
 /// agents killed during the outage are inactive after grace + TTL.
 #[tokio::test]
 async fn outage_does_not_expire_fleet() {
+    let _serial = SERIAL.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let database = sqlite_url(dir.path());
     let listen = format!("127.0.0.1:{}", free_port());
