@@ -1,0 +1,428 @@
+//! The agent against a real `registry-server` on loopback: start-up order,
+//! server restarts, lost rows, takeover by instance id, fail-over and
+//! shutdown on SIGTERM.
+
+mod common;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{
+    client, find_worker, free_port, is_active, list_by_prefix, poll, start_agent, AgentOptions, ProcessGuard, Server,
+};
+use nix::sys::signal::Signal;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::ConnectOptions;
+use worker_registry::proto::{self, Worker};
+
+/// Heartbeat interval the agents request; the test server grants it.
+const INTERVAL: Duration = Duration::from_millis(300);
+const INTERVAL_TEXT: &str = "300ms";
+
+/// Backoff cap of the agents, so that retries stay short.
+const BACKOFF_CAP: Duration = Duration::from_millis(500);
+const BACKOFF_CAP_TEXT: &str = "500ms";
+
+/// Allowance for process start-up and scheduling on a loaded two-core machine.
+const SLACK: Duration = Duration::from_secs(1);
+
+/// Bound on waits that only guard against a hung test.
+const LONG_WAIT: Duration = Duration::from_secs(15);
+
+fn agent_options<'a>(name: &'a str, urls: Vec<String>, state_dir: &'a Path) -> AgentOptions<'a> {
+    AgentOptions {
+        name,
+        urls,
+        state_dir,
+        heartbeat_interval: INTERVAL_TEXT,
+        backoff_cap: BACKOFF_CAP_TEXT,
+        extra_args: Vec::new(),
+    }
+}
+
+/// Waits until `name` is listed as active and returns it.
+async fn wait_active(url: &str, name: &str, timeout: Duration) -> Option<Worker> {
+    let registry = client(url).await;
+    poll(timeout, || {
+        let mut registry = registry.clone();
+        async move { find_worker(&mut registry, name).await.filter(is_active) }
+    })
+    .await
+}
+
+fn timestamp_after(timestamp: Option<&prost_types::Timestamp>, moment: SystemTime) -> bool {
+    let Some(timestamp) = timestamp else {
+        return false;
+    };
+    let Ok(time) = SystemTime::try_from(*timestamp) else {
+        return false;
+    };
+    time > moment
+}
+
+fn agent_logs(agent: &ProcessGuard) -> String {
+    agent.logs.dump()
+}
+
+/// An agent started 10 s before the server registers within one backoff
+/// step of the server coming up.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_started_before_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let agent = start_agent(&agent_options("sensor-early", vec![url.clone()], dir.path()));
+
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let _server = Server::start(&dir.path().join("registry.db"), &format!("127.0.0.1:{port}"));
+    let up = Instant::now();
+
+    let worker = wait_active(&url, "sensor-early", LONG_WAIT).await;
+
+    let elapsed = up.elapsed();
+    assert!(
+        worker.is_some(),
+        "agent never registered; logs:\n{}",
+        agent_logs(&agent)
+    );
+    assert!(
+        elapsed < BACKOFF_CAP + SLACK,
+        "registered {elapsed:?} after the server came up; logs:\n{}",
+        agent_logs(&agent)
+    );
+    let retries = agent.logs.with_message("registration failed; retrying");
+    assert!(
+        retries.len() >= 5,
+        "expected retries during 10 s, got {}",
+        retries.len()
+    );
+    assert!(
+        retries.iter().all(|entry| entry["fields"]["attempt"].is_u64()),
+        "{retries:?}"
+    );
+}
+
+/// After the server is killed with SIGKILL and restarted on the same
+/// database, heartbeats resume under the same worker id in a single row.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_restart_keeps_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("registry.db");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = Server::start(&database, &listen);
+    let agent = start_agent(&agent_options("sensor-restart", vec![server.url()], dir.path()));
+    let first = wait_active(&server.url(), "sensor-restart", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+
+    server.process.signal(Signal::SIGKILL);
+    server.process.wait_exit(LONG_WAIT).expect("server exits after SIGKILL");
+    let restarted_at = SystemTime::now();
+    let server = Server::start(&database, &listen);
+
+    let mut registry = client(&server.url()).await;
+    let resumed = poll(LONG_WAIT, || {
+        let mut registry = registry.clone();
+        async move {
+            find_worker(&mut registry, "sensor-restart")
+                .await
+                .filter(|worker| is_active(worker) && timestamp_after(worker.last_heartbeat.as_ref(), restarted_at))
+        }
+    })
+    .await
+    .unwrap_or_else(|| panic!("no heartbeat after the restart; logs:\n{}", agent_logs(&agent)));
+
+    assert_eq!(resumed.id, first.id);
+    assert_eq!(list_by_prefix(&mut registry, "sensor-restart").await.len(), 1);
+    assert_eq!(count_rows(&database).await, 1);
+}
+
+async fn count_rows(database: &Path) -> i64 {
+    let mut connection = sqlite_connection(database).await;
+    sqlx::query_scalar("SELECT COUNT(*) FROM worker")
+        .fetch_one(&mut connection)
+        .await
+        .expect("count rows")
+}
+
+async fn sqlite_connection(database: &Path) -> sqlx::SqliteConnection {
+    SqliteConnectOptions::from_str(&format!("sqlite://{}", database.display()))
+        .expect("valid SQLite URL")
+        .busy_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("open the registry database")
+}
+
+/// When the worker's row is deleted behind the server's back, the agent is
+/// registered again within one heartbeat interval.
+#[tokio::test(flavor = "multi_thread")]
+async fn deleted_row_is_registered_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("registry.db");
+    let server = Server::start(&database, "127.0.0.1:0");
+    let agent = start_agent(&agent_options("sensor-deleted", vec![server.url()], dir.path()));
+    wait_active(&server.url(), "sensor-deleted", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+
+    let mut connection = sqlite_connection(&database).await;
+    let deleted = sqlx::query("DELETE FROM worker WHERE name = ?")
+        .bind("sensor-deleted")
+        .execute(&mut connection)
+        .await
+        .expect("delete the worker row");
+    assert_eq!(deleted.rows_affected(), 1);
+    let deleted_at = Instant::now();
+
+    let again = wait_active(&server.url(), "sensor-deleted", LONG_WAIT).await;
+
+    let elapsed = deleted_at.elapsed();
+    assert!(
+        again.is_some(),
+        "agent never registered again; logs:\n{}",
+        agent_logs(&agent)
+    );
+    assert!(
+        elapsed < INTERVAL + SLACK,
+        "registered again after {elapsed:?}; logs:\n{}",
+        agent_logs(&agent)
+    );
+    assert!(
+        !agent.logs.with_message("lease lost; registering again").is_empty(),
+        "no lease-lost log; logs:\n{}",
+        agent_logs(&agent)
+    );
+}
+
+/// SIGTERM makes the worker inactive within 1 s, and the agent exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_deregisters() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let mut options = agent_options("sensor-term", vec![server.url()], dir.path());
+    // A 15 s lease (5 s times 3 missed heartbeats) cannot expire during the
+    // check, so only the Deregister call can make the worker inactive.
+    options.heartbeat_interval = "5s";
+    let mut agent = start_agent(&options);
+    wait_active(&server.url(), "sensor-term", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+    let mut registry = client(&server.url()).await;
+
+    agent.signal(Signal::SIGTERM);
+    let signalled = Instant::now();
+
+    let inactive = poll(Duration::from_secs(1), || {
+        let mut registry = registry.clone();
+        async move {
+            find_worker(&mut registry, "sensor-term")
+                .await
+                .filter(|worker| worker.status == proto::WorkerStatus::Inactive as i32)
+        }
+    })
+    .await;
+    assert!(
+        inactive.is_some(),
+        "worker not inactive 1 s after SIGTERM; logs:\n{}",
+        agent_logs(&agent)
+    );
+    let status = agent
+        .wait_exit(Duration::from_secs(3))
+        .expect("agent exits after SIGTERM");
+    assert!(
+        status.success(),
+        "agent exited with {status}; logs:\n{}",
+        agent_logs(&agent)
+    );
+    assert!(signalled.elapsed() < Duration::from_secs(3));
+    assert!(
+        !agent.logs.with_message("deregistered").is_empty(),
+        "no deregistered log"
+    );
+    assert!(find_worker(&mut registry, "sensor-term").await.is_some());
+}
+
+/// With the server killed, SIGTERM still ends the agent with status 0 within 3 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_server_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let mut agent = start_agent(&agent_options("sensor-down", vec![server.url()], dir.path()));
+    wait_active(&server.url(), "sensor-down", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+    server.process.kill();
+
+    agent.signal(Signal::SIGTERM);
+
+    let status = agent.wait_exit(Duration::from_secs(3));
+    assert!(
+        status.is_some(),
+        "agent still running 3 s after SIGTERM; logs:\n{}",
+        agent_logs(&agent)
+    );
+    assert!(status.unwrap().success(), "logs:\n{}", agent_logs(&agent));
+}
+
+/// With the server frozen (SIGSTOP, so connections open but nothing
+/// answers), SIGTERM still ends the agent with status 0 within 3 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_server_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let mut agent = start_agent(&agent_options("sensor-frozen", vec![server.url()], dir.path()));
+    wait_active(&server.url(), "sensor-frozen", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+    server.process.signal(Signal::SIGSTOP);
+
+    agent.signal(Signal::SIGTERM);
+
+    let status = agent.wait_exit(Duration::from_secs(3));
+    server.process.signal(Signal::SIGCONT);
+    assert!(
+        status.is_some(),
+        "agent still running 3 s after SIGTERM; logs:\n{}",
+        agent_logs(&agent)
+    );
+    assert!(status.unwrap().success(), "logs:\n{}", agent_logs(&agent));
+}
+
+/// An agent killed with SIGKILL and restarted with the same state directory
+/// takes over its live lease at once under the same worker id.
+#[tokio::test(flavor = "multi_thread")]
+async fn restarted_agent_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let options = agent_options("sensor-crash", vec![server.url()], dir.path());
+    let mut first_agent = start_agent(&options);
+    let first = wait_active(&server.url(), "sensor-crash", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&first_agent)));
+    first_agent.kill();
+
+    let second_agent = start_agent(&options);
+    let registered = second_agent.logs.wait_for("registered", Duration::from_secs(5));
+
+    assert!(
+        registered.is_some(),
+        "restart did not register; logs:\n{}",
+        agent_logs(&second_agent)
+    );
+    assert_eq!(registered.unwrap()["fields"]["worker_id"], first.id);
+    assert!(
+        second_agent
+            .logs
+            .with_message("registration failed; retrying")
+            .is_empty(),
+        "restart had to retry; logs:\n{}",
+        agent_logs(&second_agent)
+    );
+}
+
+/// A second installation with the same name is rejected while the first
+/// holds the lease, keeps retrying, and takes over once the first stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn other_instance_waits_for_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let first_state = dir.path().join("first");
+    let second_state = dir.path().join("second");
+    let mut first_agent = start_agent(&agent_options("sensor-shared", vec![server.url()], &first_state));
+    let first = wait_active(&server.url(), "sensor-shared", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("first agent never registered; logs:\n{}", agent_logs(&first_agent)));
+
+    let second_agent = start_agent(&agent_options("sensor-shared", vec![server.url()], &second_state));
+    let rejected = second_agent
+        .logs
+        .wait_for("registration failed; retrying", LONG_WAIT)
+        .unwrap_or_else(|| panic!("second agent was not rejected; logs:\n{}", agent_logs(&second_agent)));
+    let reason = rejected["fields"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("AlreadyExists"), "reason: {reason}");
+    assert!(second_agent.logs.with_message("registered").is_empty());
+
+    first_agent.signal(Signal::SIGTERM);
+    first_agent
+        .wait_exit(Duration::from_secs(3))
+        .expect("first agent exits");
+    let registered = second_agent.logs.wait_for("registered", BACKOFF_CAP + SLACK + SLACK);
+
+    assert!(
+        registered.is_some(),
+        "second agent never took over; logs:\n{}",
+        agent_logs(&second_agent)
+    );
+    assert_eq!(registered.unwrap()["fields"]["worker_id"], first.id);
+}
+
+/// With an unreachable first address, the agent fails over to the second.
+#[tokio::test(flavor = "multi_thread")]
+async fn fails_over_to_next_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let dead_url = format!("http://127.0.0.1:{}", free_port());
+    let agent = start_agent(&agent_options(
+        "sensor-failover",
+        vec![dead_url, server.url()],
+        dir.path(),
+    ));
+
+    let worker = wait_active(&server.url(), "sensor-failover", Duration::from_secs(5)).await;
+
+    assert!(
+        worker.is_some(),
+        "agent never reached the second address; logs:\n{}",
+        agent_logs(&agent)
+    );
+    let registered = agent
+        .logs
+        .wait_for("registered", Duration::from_secs(1))
+        .expect("registered log");
+    assert_eq!(registered["fields"]["registry"], server.url().as_str());
+}
+
+/// A Register by another client with the same instance id supersedes the
+/// agent's session, and the agent stops heartbeating with an error log.
+#[tokio::test(flavor = "multi_thread")]
+async fn superseded_session_stops_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let mut options = agent_options("sensor-superseded", vec![server.url()], dir.path());
+    // A long cap keeps the agent from registering again during the test.
+    options.backoff_cap = "30s";
+    let agent = start_agent(&options);
+    wait_active(&server.url(), "sensor-superseded", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+    let instance_id = std::fs::read_to_string(dir.path().join("instance_id")).expect("instance id file");
+
+    let mut registry = client(&server.url()).await;
+    let request = proto::RegisterRequest {
+        name: "sensor-superseded".to_string(),
+        role: proto::WorkerRole::Sensor as i32,
+        instance_id: instance_id.trim().to_string(),
+        ..proto::RegisterRequest::default()
+    };
+    registry
+        .register(request)
+        .await
+        .expect("takeover with the same instance id");
+
+    let superseded = agent.logs.wait_for(
+        "session superseded by another instance; heartbeats stopped",
+        INTERVAL * 2 + SLACK,
+    );
+    assert!(superseded.is_some(), "no superseded log; logs:\n{}", agent_logs(&agent));
+    assert_eq!(superseded.unwrap()["level"], "ERROR");
+    let registrations = agent.logs.with_message("registered").len();
+    tokio::time::sleep(INTERVAL * 3).await;
+    assert_eq!(
+        agent.logs.with_message("registered").len(),
+        registrations,
+        "agent registered again early"
+    );
+}
