@@ -500,7 +500,7 @@ impl Agent {
         let attempt = self.backoff.attempt();
         let registry = &self.endpoints[self.current].0;
         let retry_in = humantime::format_duration(round_to_millis(delay));
-        if attempt <= ALWAYS_LOGGED_ATTEMPTS || attempt.is_power_of_two() {
+        if is_logged_at_warn(attempt) {
             tracing::warn!(attempt, reason = %failure, %retry_in, %registry, "{message}");
         } else {
             tracing::debug!(attempt, reason = %failure, %retry_in, %registry, "{message}");
@@ -515,6 +515,11 @@ impl Agent {
             _ = tokio::time::sleep(delay) => false,
         }
     }
+}
+
+/// Tells whether retry number `attempt` is logged at warn level rather than debug.
+fn is_logged_at_warn(attempt: u32) -> bool {
+    attempt <= ALWAYS_LOGGED_ATTEMPTS || attempt.is_power_of_two()
 }
 
 fn build_registration(settings: &Settings, runtimes: &[Runtime], instance_id: &str) -> RegisterRequest {
@@ -587,6 +592,13 @@ mod tests {
         assert_eq!(request.role, proto::WorkerRole::Sensor as i32);
         assert_eq!(request.runtimes[0].path, "/usr/bin/python3");
         assert_eq!(request.heartbeat_interval.unwrap().seconds, 30);
+    }
+
+    #[test]
+    fn retry_logs_thin_out() {
+        let warned: Vec<u32> = (1..=40).filter(|attempt| is_logged_at_warn(*attempt)).collect();
+
+        assert_eq!(warned, [1, 2, 3, 4, 8, 16, 32]);
     }
 
     #[test]

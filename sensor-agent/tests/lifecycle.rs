@@ -426,3 +426,126 @@ async fn superseded_session_stops_heartbeats() {
         "agent registered again early"
     );
 }
+
+/// A server that stops answering (SIGSTOP) is noticed within about two
+/// heartbeat intervals, through the response deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn frozen_server_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let agent = start_agent(&agent_options("sensor-silent", vec![server.url()], dir.path()));
+    wait_active(&server.url(), "sensor-silent", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+
+    server.process.signal(Signal::SIGSTOP);
+    let frozen_at = Instant::now();
+    let lost = agent
+        .logs
+        .wait_for("heartbeat stream lost; reconnecting", INTERVAL * 3 + SLACK);
+    let elapsed = frozen_at.elapsed();
+    server.process.signal(Signal::SIGCONT);
+
+    let lost = lost.unwrap_or_else(|| panic!("frozen server not noticed; logs:\n{}", agent_logs(&agent)));
+    // The last heartbeat may have been sent up to one interval before the
+    // freeze, and its response is awaited two intervals.
+    assert!(elapsed < INTERVAL * 3 + SLACK, "noticed after {elapsed:?}");
+    let reason = lost["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no response within"), "reason: {reason}");
+}
+
+/// A second SIGTERM ends the agent at once, without waiting for the
+/// deregistration deadline of a frozen server.
+#[tokio::test(flavor = "multi_thread")]
+async fn second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let mut agent = start_agent(&agent_options("sensor-twice", vec![server.url()], dir.path()));
+    wait_active(&server.url(), "sensor-twice", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+    server.process.signal(Signal::SIGSTOP);
+
+    agent.signal(Signal::SIGTERM);
+    agent
+        .logs
+        .wait_for("stopping; a second signal exits at once", Duration::from_secs(1))
+        .unwrap_or_else(|| panic!("first signal not logged; logs:\n{}", agent_logs(&agent)));
+    let second_at = Instant::now();
+    agent.signal(Signal::SIGTERM);
+
+    let status = agent.wait_exit(Duration::from_secs(1));
+    let elapsed = second_at.elapsed();
+    server.process.signal(Signal::SIGCONT);
+    let status = status.unwrap_or_else(|| panic!("agent still running after the second signal"));
+    assert_eq!(status.code(), Some(143), "logs:\n{}", agent_logs(&agent));
+    // Well under the 2 s deregistration deadline the first signal started.
+    assert!(elapsed < Duration::from_millis(1500), "exit took {elapsed:?}");
+}
+
+/// As PID 1 of a new PID namespace, where signals without a handler are
+/// dropped, the agent still deregisters on SIGTERM and exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_as_pid_1() {
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !probe.is_ok_and(|status| status.success()) {
+        eprintln!("skipped: `unshare --pid --fork` is not available here (needs util-linux and CAP_SYS_ADMIN)");
+        return;
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let mut options = agent_options("sensor-init", vec![server.url()], dir.path());
+    options.heartbeat_interval = "5s";
+    let mut command = std::process::Command::new("unshare");
+    command
+        .args(["--pid", "--fork", "--kill-child", "--"])
+        .arg(common::agent_binary())
+        .args(common::agent_args(&options));
+    let mut wrapper = common::spawn_agent(command);
+    wait_active(&server.url(), "sensor-init", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&wrapper)));
+    let agent_pid = only_child(wrapper.pid().as_raw());
+    let namespace_pid = namespace_pid(agent_pid);
+    assert_eq!(namespace_pid, 1, "agent is not PID 1 in its namespace");
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent_pid), Signal::SIGTERM).expect("signal the agent");
+
+    let status = wrapper.wait_exit(Duration::from_secs(3));
+    assert!(
+        status.is_some(),
+        "agent ignored SIGTERM as PID 1; logs:\n{}",
+        agent_logs(&wrapper)
+    );
+    assert!(status.unwrap().success(), "logs:\n{}", agent_logs(&wrapper));
+    assert!(
+        !wrapper.logs.with_message("deregistered").is_empty(),
+        "no deregistered log"
+    );
+}
+
+/// Returns the single child process of `pid`.
+fn only_child(pid: i32) -> i32 {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    let children = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    let pids: Vec<i32> = children.split_whitespace().filter_map(|pid| pid.parse().ok()).collect();
+    assert_eq!(pids.len(), 1, "expected one child of {pid}, found {pids:?}");
+    pids[0]
+}
+
+/// Returns the pid of process `pid` inside its own PID namespace.
+fn namespace_pid(pid: i32) -> i32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read process status");
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("NSpid:"))
+        .expect("NSpid line in /proc status");
+    line.split_whitespace()
+        .last()
+        .and_then(|pid| pid.parse().ok())
+        .expect("NSpid ends with a pid")
+}

@@ -253,27 +253,42 @@ pub struct AgentOptions<'a> {
     pub extra_args: Vec<String>,
 }
 
-/// Starts `sensor-agent run` with JSON logs, a clean environment and only
-/// the listed runtimes, so that detection does not depend on the host.
+/// Starts `sensor-agent run` with JSON logs and no environment variables
+/// other than `PATH` and `RUST_LOG`.
 pub fn start_agent(options: &AgentOptions) -> ProcessGuard {
     let mut command = Command::new(agent_binary());
+    command.args(agent_args(options));
+    spawn_agent(command)
+}
+
+/// Returns the arguments of `sensor-agent run` for `options`.
+pub fn agent_args(options: &AgentOptions) -> Vec<OsString> {
+    let mut args: Vec<OsString> = ["run", "--log-format", "json", "--worker-name", options.name]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+    args.extend(["--heartbeat-interval", options.heartbeat_interval].map(OsString::from));
+    args.extend(["--backoff-cap", options.backoff_cap].map(OsString::from));
+    args.extend(["--probe-timeout", "2s"].map(OsString::from));
+    args.push(OsString::from("--state-dir"));
+    args.push(options.state_dir.as_os_str().to_owned());
+    for url in &options.urls {
+        args.extend([OsString::from("--registry-url"), OsString::from(url)]);
+    }
+    args.extend(options.extra_args.iter().map(OsString::from));
+    args
+}
+
+/// Spawns a prepared agent command with a clean environment and collects
+/// its logs.
+pub fn spawn_agent(mut command: Command) -> ProcessGuard {
     command
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("RUST_LOG", "sensor_agent=debug,info")
-        .args(["run", "--log-format", "json", "--worker-name", options.name])
-        .args(["--heartbeat-interval", options.heartbeat_interval])
-        .args(["--backoff-cap", options.backoff_cap])
-        .args(["--probe-timeout", "2s"])
-        .arg("--state-dir")
-        .arg(options.state_dir)
-        .args(&options.extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for url in &options.urls {
-        command.args(["--registry-url", url]);
-    }
     let mut child = command.spawn().expect("failed to start sensor-agent");
 
     let logs = Logs::default();
