@@ -14,7 +14,7 @@ use crate::config::{LogFormat, Overrides, RuntimesSource, CONFIG_FILE_ENV, RUNTI
 #[derive(Debug, Parser)]
 #[command(name = "sensor-agent", version, about, long_about = None)]
 pub struct Cli {
-    /// What to do; `run` when omitted.
+    /// Command to run; `run` when omitted.
     #[command(subcommand)]
     pub command: Option<Command>,
 

@@ -26,8 +26,8 @@ pub const CONFIG_FILE_ENV: &str = "ATTUNE_CONFIG";
 pub const RUNTIMES_ENV: &str = "ATTUNE_SENSOR_RUNTIMES";
 /// Registry address used when neither `registry.url` nor `registry.urls` is set.
 pub const DEFAULT_REGISTRY_URL: &str = "http://127.0.0.1:50051";
-/// Heartbeat interval requested when none is configured; the registry
-/// grants it unless its bounds say otherwise.
+/// Heartbeat interval requested when none is configured. The registry
+/// clamps it to its own bounds.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// Number of sensors the agent reports it can run at once.
 pub const DEFAULT_MAX_CONCURRENT_SENSORS: u32 = 10;
@@ -150,7 +150,7 @@ pub struct LogSection {
     pub format: LogFormat,
 }
 
-/// Where the runtime list came from.
+/// Source of the runtime list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimesSource {
@@ -214,28 +214,28 @@ pub struct Settings {
     pub host: String,
     /// Configured runtime names, normalized; `None` means detection decides.
     pub runtimes: Option<Vec<String>>,
-    /// Where `runtimes` came from.
+    /// Source of `runtimes`.
     pub runtimes_source: RuntimesSource,
     /// Number of sensors this agent can run at once.
     pub max_concurrent_sensors: u32,
     /// Heartbeat interval to request from the registry.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub heartbeat_interval: Duration,
     /// Labels sent with the registration.
     pub labels: BTreeMap<String, String>,
     /// Registry addresses in fail-over order; never empty.
     pub registry_urls: Vec<String>,
     /// Time one runtime probe may take.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub probe_timeout: Duration,
     /// First retry delay of the registration backoff.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub backoff_base: Duration,
     /// Largest retry delay of the registration backoff.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub backoff_cap: Duration,
     /// Time allowed to open a connection to one registry address.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
     /// Directory for the instance id file; `None` picks a default.
     pub state_dir: Option<PathBuf>,
@@ -245,7 +245,7 @@ pub struct Settings {
 
 /// Serializes durations as humantime strings such as `1s 500ms`, so that
 /// `print-config` output reads the way the configuration is written.
-mod humantime_serde_compat {
+mod duration_text {
     use std::time::Duration;
 
     use serde::Serializer;
@@ -266,7 +266,7 @@ pub enum ConfigError {
     Invalid {
         /// Configuration key, such as `sensor.worker_name`.
         key: &'static str,
-        /// What is wrong and how to fix it.
+        /// The broken rule and the fix.
         message: String,
     },
 }

@@ -267,8 +267,8 @@ async fn sigterm_with_server_down() {
     assert!(status.unwrap().success(), "logs:\n{}", agent_logs(&agent));
 }
 
-/// With the server frozen (SIGSTOP, so connections open but nothing
-/// answers), SIGTERM still ends the agent with status 0 within 3 s.
+/// With the server frozen by SIGSTOP, which keeps connections open but
+/// sends no response, SIGTERM still ends the agent with status 0 within 3 s.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_with_server_frozen() {
     let dir = tempfile::tempdir().unwrap();
@@ -427,8 +427,8 @@ async fn superseded_session_stops_heartbeats() {
     );
 }
 
-/// A server that stops answering (SIGSTOP) is noticed within about two
-/// heartbeat intervals, through the response deadline.
+/// A server frozen by SIGSTOP is noticed within about two heartbeat
+/// intervals, through the response deadline.
 #[tokio::test(flavor = "multi_thread")]
 async fn frozen_server_is_noticed() {
     let dir = tempfile::tempdir().unwrap();
