@@ -10,7 +10,7 @@
 //! | `UNAVAILABLE`, stream closed, no response within two intervals | back off, reconnect, keep the session |
 //! | `NOT_FOUND` on a heartbeat (lease gone) | register again at once under the same name |
 //! | `FAILED_PRECONDITION` (session superseded) | stop heartbeating, wait the backoff cap, register again |
-//! | `ALREADY_EXISTS` on Register (another instance holds the name) | back off and retry |
+//! | `ALREADY_EXISTS` on Register (another instance has a live lease on the name) | back off and retry |
 //! | `INVALID_ARGUMENT` | exit with an error, because retrying cannot help |
 
 use std::collections::HashMap;
@@ -71,7 +71,7 @@ pub enum AgentError {
     },
 }
 
-/// The lease the agent currently holds.
+/// Lease of the agent's current registration.
 struct Session {
     worker_id: i64,
     /// Secret for Heartbeat and Deregister; kept out of every log line.
@@ -125,7 +125,7 @@ impl fmt::Display for Failure {
 enum LeaseEnd {
     /// Shutdown was requested.
     Stop,
-    /// The registry holds no live lease for this worker.
+    /// The registry has no live lease for this worker.
     LeaseLost(Status),
     /// Another Register took over the session.
     Superseded(Status),

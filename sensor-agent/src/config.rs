@@ -108,6 +108,7 @@ impl Default for SensorSection {
 #[serde(default, deny_unknown_fields)]
 pub struct CapabilitiesSection {
     /// Runtime names that replace detection when set.
+    #[serde(deserialize_with = "list_or_comma_separated")]
     pub runtimes: Option<Vec<String>>,
 }
 
@@ -118,6 +119,7 @@ pub struct RegistrySection {
     /// Address of one registry.
     pub url: Option<String>,
     /// Addresses of several registries, tried in order on connection failure.
+    #[serde(deserialize_with = "list_or_comma_separated")]
     pub urls: Option<Vec<String>>,
     /// First retry delay of the registration backoff.
     #[serde(deserialize_with = "worker_registry::duration::serde::deserialize")]
@@ -140,6 +142,23 @@ impl Default for RegistrySection {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         }
     }
+}
+
+/// Deserializes a list written as a YAML sequence or, as environment
+/// variables write it, as one comma-separated string.
+fn list_or_comma_separated<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Text(String),
+    }
+
+    let list = match Raw::deserialize(deserializer)? {
+        Raw::List(items) => items,
+        Raw::Text(text) => text.split(',').map(|item| item.trim().to_string()).collect(),
+    };
+    Ok(Some(list))
 }
 
 /// Section `log` of the configuration.
@@ -290,15 +309,12 @@ pub fn load_layers(
         builder = builder.add_source(File::from(path).format(FileFormat::Yaml).required(true));
     }
 
-    // try_parsing is what makes the list keys split on commas; it also turns
-    // numeric strings into numbers, which the deserializers accept back.
+    // Every value stays a string here. The config crate's try_parsing would
+    // split lists, but it would also turn a worker name such as 1e5 into
+    // the number 100000, so list keys split commas in their deserializer.
     let environment = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
-        .list_separator(",")
-        .with_list_parse_key("sensor.capabilities.runtimes")
-        .with_list_parse_key("registry.urls")
-        .try_parsing(true)
         .ignore_empty(true)
         .source(env);
     builder = builder.add_source(environment);
@@ -401,9 +417,7 @@ pub fn resolve(layers: FileSettings, overrides: Overrides, hostname: &str) -> Re
         labels,
         registry_urls,
         probe_timeout,
-        // A base above the cap would make every delay the cap; clamping keeps
-        // the first retries short as intended.
-        backoff_base: registry.backoff_base.min(backoff_cap),
+        backoff_base: registry.backoff_base,
         backoff_cap,
         connect_timeout: registry.connect_timeout,
         state_dir: overrides.state_dir.or(sensor.state_dir),
@@ -566,7 +580,7 @@ mod tests {
             env(&[
                 ("ATTUNE__SENSOR__HEARTBEAT_INTERVAL", "0.5"),
                 ("ATTUNE__SENSOR__MAX_CONCURRENT_SENSORS", "4"),
-                ("ATTUNE__SENSOR__WORKER_NAME", "1234"),
+                ("ATTUNE__SENSOR__WORKER_NAME", "1e5"),
                 ("ATTUNE__REGISTRY__BACKOFF_CAP", "2s"),
             ]),
         )
@@ -576,8 +590,25 @@ mod tests {
 
         assert_eq!(settings.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(settings.max_concurrent_sensors, 4);
-        assert_eq!(settings.worker_name, "1234");
+        assert_eq!(settings.worker_name, "1e5");
         assert_eq!(settings.backoff_cap, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn env_numeric_labels_stay_text() {
+        let layers = load_layers(
+            None,
+            env(&[
+                ("ATTUNE__SENSOR__LABELS__RACK", "12"),
+                ("ATTUNE__SENSOR__LABELS__GPU", "true"),
+            ]),
+        )
+        .unwrap();
+
+        let settings = resolve(layers, Overrides::default(), "h").unwrap();
+
+        assert_eq!(settings.labels.get("rack").map(String::as_str), Some("12"));
+        assert_eq!(settings.labels.get("gpu").map(String::as_str), Some("true"));
     }
 
     #[test]
