@@ -238,6 +238,9 @@ impl Agent {
     /// requested first.
     async fn register(&mut self) -> Result<Option<Session>, AgentError> {
         loop {
+            // NOTE: a stop that interrupts a Register the registry has already
+            // applied leaves the worker active until its lease expires,
+            // because the agent never learns the session token to deregister.
             let mut stop = self.shutdown.clone();
             let result = tokio::select! {
                 _ = stop.requested() => return Ok(None),

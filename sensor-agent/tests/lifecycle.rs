@@ -65,6 +65,33 @@ fn agent_logs(agent: &ProcessGuard) -> String {
     agent.logs.dump()
 }
 
+/// An agent started beside a running server is listed as active with its
+/// detected runtimes soon after start. The bound is 2 s so that a loaded
+/// test machine does not fail it; unloaded, it takes about 100 ms.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_registers_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
+    let started = Instant::now();
+    let agent = start_agent(&agent_options("sensor-quick", vec![server.url()], dir.path()));
+
+    let worker = wait_active(&server.url(), "sensor-quick", LONG_WAIT).await;
+
+    let elapsed = started.elapsed();
+    let worker = worker.unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+    assert!(elapsed < Duration::from_secs(2), "registered after {elapsed:?}");
+    assert_eq!(worker.role, proto::WorkerRole::Sensor as i32);
+    let names: Vec<&str> = worker.runtimes.iter().map(|runtime| runtime.name.as_str()).collect();
+    assert!(names.contains(&"shell"), "runtimes {names:?}");
+    assert!(names.contains(&"native"), "runtimes {names:?}");
+    let capabilities = worker.capabilities.expect("capabilities document");
+    assert!(capabilities.fields.contains_key("sensor_version"), "{capabilities:?}");
+    assert!(
+        capabilities.fields.contains_key("max_concurrent_sensors"),
+        "{capabilities:?}"
+    );
+}
+
 /// An agent started 10 s before the server registers within one backoff
 /// step of the server coming up.
 #[tokio::test(flavor = "multi_thread")]
