@@ -487,7 +487,12 @@ async fn frozen_server_is_noticed() {
 async fn second_signal_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("registry.db"), "127.0.0.1:0");
-    let mut agent = start_agent(&agent_options("sensor-twice", vec![server.url()], dir.path()));
+    let mut options = agent_options("sensor-twice", vec![server.url()], dir.path());
+    // A 5 s interval also sets 5 s HTTP/2 keepalive pings, so on a slow
+    // machine no ping timeout can close the connection and let the
+    // deregistration fail early, before the second signal arrives.
+    options.heartbeat_interval = "5s";
+    let mut agent = start_agent(&options);
     wait_active(&server.url(), "sensor-twice", LONG_WAIT)
         .await
         .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
