@@ -1,6 +1,6 @@
 //! The run loop: register, keep the lease alive on one heartbeat stream,
-//! reconnect or register again as the registry's status codes say, and
-//! deregister on shutdown.
+//! reconnect or register again depending on the registry's status codes,
+//! and deregister on shutdown.
 //!
 //! How the agent reacts to each outcome:
 //!
@@ -10,7 +10,7 @@
 //! | `UNAVAILABLE`, stream closed, no response within two intervals | back off, reconnect, keep the session |
 //! | `NOT_FOUND` on a heartbeat (lease gone) | register again at once under the same name |
 //! | `FAILED_PRECONDITION` (session superseded) | stop heartbeating, wait the backoff cap, register again |
-//! | `ALREADY_EXISTS` on Register (another instance holds the name) | back off and retry |
+//! | `ALREADY_EXISTS` on Register (another instance has a live lease on the name) | back off and retry |
 //! | `INVALID_ARGUMENT` | exit with an error, because retrying cannot help |
 
 use std::collections::HashMap;
@@ -47,9 +47,9 @@ const RESPONSE_DEADLINE_INTERVALS: u32 = 2;
 /// interval in tests does not flood the server with pings.
 const MIN_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Retries up to this count are logged at warn level; later ones only
-/// when the count is a power of two, so a long outage logs a few lines
-/// per doubling of its length instead of one per retry.
+/// Retries up to this count are logged at warn level. Later ones are
+/// logged at warn only when the count is a power of two, so a long outage
+/// logs one line per doubling of its length instead of one per retry.
 const ALWAYS_LOGGED_ATTEMPTS: u32 = 3;
 
 /// Errors that stop the agent with a non-zero exit status.
@@ -66,12 +66,12 @@ pub enum AgentError {
     InvalidUrl {
         /// The address as configured.
         url: String,
-        /// What is wrong with it.
+        /// Reason the address was rejected.
         message: String,
     },
 }
 
-/// The lease the agent currently holds.
+/// Lease of the agent's current registration.
 struct Session {
     worker_id: i64,
     /// Secret for Heartbeat and Deregister; kept out of every log line.
@@ -90,7 +90,7 @@ impl fmt::Debug for Session {
     }
 }
 
-/// Why one attempt to reach the registry failed.
+/// Cause of one failed attempt to reach the registry.
 #[derive(Debug)]
 enum Failure {
     /// No connection could be opened.
@@ -120,18 +120,17 @@ impl fmt::Display for Failure {
     }
 }
 
-/// How a heartbeat stream ended.
-enum StreamEnd {
+/// Outcome that ends heartbeating on the current session. A broken
+/// connection is not one of them, because the session may still be valid.
+enum LeaseEnd {
     /// Shutdown was requested.
     Stop,
-    /// The registry holds no live lease for this worker.
+    /// The registry has no live lease for this worker.
     LeaseLost(Status),
     /// Another Register took over the session.
     Superseded(Status),
     /// The registry rejected the request as invalid.
     Invalid(Status),
-    /// The connection failed; the session may still be valid.
-    Broken(Failure),
 }
 
 /// The agent: one worker registration kept alive against a list of
@@ -204,18 +203,18 @@ impl Agent {
             };
 
             match self.keep_alive(&mut session).await {
-                StreamEnd::Stop => {
+                LeaseEnd::Stop => {
                     self.deregister(&session).await;
                     return Ok(());
                 }
-                StreamEnd::LeaseLost(status) => {
+                LeaseEnd::LeaseLost(status) => {
                     tracing::warn!(
                         worker_id = session.worker_id,
                         reason = status.message(),
                         "lease lost; registering again"
                     );
                 }
-                StreamEnd::Superseded(status) => {
+                LeaseEnd::Superseded(status) => {
                     let retry_in = self.backoff_cap;
                     tracing::error!(
                         worker_id = session.worker_id,
@@ -230,8 +229,7 @@ impl Agent {
                         return Ok(());
                     }
                 }
-                StreamEnd::Invalid(status) => return Err(AgentError::Rejected(status.message().to_string())),
-                StreamEnd::Broken(_) => unreachable!("keep_alive retries broken streams itself"),
+                LeaseEnd::Invalid(status) => return Err(AgentError::Rejected(status.message().to_string())),
             }
         }
     }
@@ -240,6 +238,9 @@ impl Agent {
     /// requested first.
     async fn register(&mut self) -> Result<Option<Session>, AgentError> {
         loop {
+            // NOTE: a stop that interrupts a Register the registry has already
+            // applied leaves the worker active until its lease expires,
+            // because the agent never learns the session token to deregister.
             let mut stop = self.shutdown.clone();
             let result = tokio::select! {
                 _ = stop.requested() => return Ok(None),
@@ -303,44 +304,42 @@ impl Agent {
         Ok(session)
     }
 
-    /// Heartbeats until the stream ends for a reason other than a broken
-    /// connection; broken connections are retried with backoff here.
-    async fn keep_alive(&mut self, session: &mut Session) -> StreamEnd {
+    /// Heartbeats until the lease ends or a stop is requested. Broken
+    /// connections are retried here with backoff, keeping the session.
+    async fn keep_alive(&mut self, session: &mut Session) -> LeaseEnd {
         loop {
             let failure = match self.heartbeat_stream(session).await {
-                StreamEnd::Broken(failure) => failure,
-                other => return other,
+                Ok(end) => return end,
+                Err(failure) => failure,
             };
 
             let delay = self.backoff.next_delay();
             self.log_retry("heartbeat stream lost; reconnecting", &failure, delay);
             if self.sleep_or_stop(delay).await {
-                return StreamEnd::Stop;
+                return LeaseEnd::Stop;
             }
         }
     }
 
     /// Opens one heartbeat stream and sends one request per interval,
-    /// reading one response per request.
-    async fn heartbeat_stream(&mut self, session: &mut Session) -> StreamEnd {
+    /// reading one response per request. Returns an error when the
+    /// connection breaks.
+    async fn heartbeat_stream(&mut self, session: &mut Session) -> Result<LeaseEnd, Failure> {
         let mut stop = self.shutdown.clone();
 
-        let mut client = match self.connect().await {
-            Ok(client) => client,
-            Err(failure) => return StreamEnd::Broken(failure),
-        };
+        let mut client = self.connect().await?;
 
         // The first request is queued before the call, so the registry
-        // sees it as soon as the stream opens.
+        // receives it as soon as the stream opens.
         let (sender, receiver) = mpsc::channel(1);
         let mut sent_at = Instant::now();
         if sender.send(heartbeat_request(session)).await.is_err() {
-            return StreamEnd::Broken(Failure::Closed);
+            return Err(Failure::Closed);
         }
 
         let deadline = session.interval * RESPONSE_DEADLINE_INTERVALS;
         let opened = tokio::select! {
-            _ = stop.requested() => return StreamEnd::Stop,
+            _ = stop.requested() => return Ok(LeaseEnd::Stop),
             opened = tokio::time::timeout(deadline, client.heartbeat(ReceiverStream::new(receiver))) => opened,
         };
         let mut responses = match opened {
@@ -348,39 +347,39 @@ impl Agent {
             Ok(Err(status)) => return self.classify(status),
             Err(_elapsed) => {
                 self.client = None;
-                return StreamEnd::Broken(Failure::Timeout(deadline));
+                return Err(Failure::Timeout(deadline));
             }
         };
 
         loop {
             let deadline = session.interval * RESPONSE_DEADLINE_INTERVALS;
             let reply = tokio::select! {
-                _ = stop.requested() => return StreamEnd::Stop,
+                _ = stop.requested() => return Ok(LeaseEnd::Stop),
                 reply = tokio::time::timeout_at(sent_at + deadline, responses.message()) => reply,
             };
             match reply {
                 Ok(Ok(Some(response))) => self.accept_heartbeat(session, &response),
                 Ok(Ok(None)) => {
                     self.client = None;
-                    return StreamEnd::Broken(Failure::Closed);
+                    return Err(Failure::Closed);
                 }
                 Ok(Err(status)) => return self.classify(status),
                 Err(_elapsed) => {
                     self.client = None;
-                    return StreamEnd::Broken(Failure::Timeout(deadline));
+                    return Err(Failure::Timeout(deadline));
                 }
             }
 
             let next_send = sent_at + session.interval;
             tokio::select! {
-                _ = stop.requested() => return StreamEnd::Stop,
+                _ = stop.requested() => return Ok(LeaseEnd::Stop),
                 _ = tokio::time::sleep_until(next_send) => {}
             }
 
             sent_at = Instant::now();
             if sender.send(heartbeat_request(session)).await.is_err() {
                 self.client = None;
-                return StreamEnd::Broken(Failure::Closed);
+                return Err(Failure::Closed);
             }
         }
     }
@@ -474,12 +473,12 @@ impl Agent {
     }
 
     /// Maps a status that ends a heartbeat stream to the agent's reaction.
-    fn classify(&mut self, status: Status) -> StreamEnd {
+    fn classify(&mut self, status: Status) -> Result<LeaseEnd, Failure> {
         match status.code() {
-            Code::NotFound => StreamEnd::LeaseLost(status),
-            Code::FailedPrecondition => StreamEnd::Superseded(status),
-            Code::InvalidArgument => StreamEnd::Invalid(status),
-            _ => StreamEnd::Broken(self.status_failure(status)),
+            Code::NotFound => Ok(LeaseEnd::LeaseLost(status)),
+            Code::FailedPrecondition => Ok(LeaseEnd::Superseded(status)),
+            Code::InvalidArgument => Ok(LeaseEnd::Invalid(status)),
+            _ => Err(self.status_failure(status)),
         }
     }
 
@@ -500,7 +499,7 @@ impl Agent {
         let attempt = self.backoff.attempt();
         let registry = &self.endpoints[self.current].0;
         let retry_in = humantime::format_duration(round_to_millis(delay));
-        if attempt <= ALWAYS_LOGGED_ATTEMPTS || attempt.is_power_of_two() {
+        if is_logged_at_warn(attempt) {
             tracing::warn!(attempt, reason = %failure, %retry_in, %registry, "{message}");
         } else {
             tracing::debug!(attempt, reason = %failure, %retry_in, %registry, "{message}");
@@ -515,6 +514,11 @@ impl Agent {
             _ = tokio::time::sleep(delay) => false,
         }
     }
+}
+
+/// Tells whether retry number `attempt` is logged at warn level rather than debug.
+fn is_logged_at_warn(attempt: u32) -> bool {
+    attempt <= ALWAYS_LOGGED_ATTEMPTS || attempt.is_power_of_two()
 }
 
 fn build_registration(settings: &Settings, runtimes: &[Runtime], instance_id: &str) -> RegisterRequest {
@@ -587,6 +591,13 @@ mod tests {
         assert_eq!(request.role, proto::WorkerRole::Sensor as i32);
         assert_eq!(request.runtimes[0].path, "/usr/bin/python3");
         assert_eq!(request.heartbeat_interval.unwrap().seconds, 30);
+    }
+
+    #[test]
+    fn retry_logs_thin_out() {
+        let warned: Vec<u32> = (1..=40).filter(|attempt| is_logged_at_warn(*attempt)).collect();
+
+        assert_eq!(warned, [1, 2, 3, 4, 8, 16, 32]);
     }
 
     #[test]

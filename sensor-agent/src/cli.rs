@@ -14,7 +14,7 @@ use crate::config::{LogFormat, Overrides, RuntimesSource, CONFIG_FILE_ENV, RUNTI
 #[derive(Debug, Parser)]
 #[command(name = "sensor-agent", version, about, long_about = None)]
 pub struct Cli {
-    /// What to do; `run` when omitted.
+    /// Command to run; `run` when omitted.
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -53,8 +53,8 @@ pub struct Options {
     #[arg(long, global = true, value_name = "HOST")]
     pub host: Option<String>,
 
-    /// Registry address such as http://127.0.0.1:50051; repeat it to list
-    /// fail-over addresses in order [default: http://127.0.0.1:50051].
+    /// Registry address such as http://127.0.0.1:50051. Repeat the flag to
+    /// list fail-over addresses in order [default: http://127.0.0.1:50051].
     #[arg(long = "registry-url", global = true, value_name = "URL")]
     pub registry_urls: Vec<String>,
 

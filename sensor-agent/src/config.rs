@@ -26,8 +26,8 @@ pub const CONFIG_FILE_ENV: &str = "ATTUNE_CONFIG";
 pub const RUNTIMES_ENV: &str = "ATTUNE_SENSOR_RUNTIMES";
 /// Registry address used when neither `registry.url` nor `registry.urls` is set.
 pub const DEFAULT_REGISTRY_URL: &str = "http://127.0.0.1:50051";
-/// Heartbeat interval requested when none is configured; the registry
-/// grants it unless its bounds say otherwise.
+/// Heartbeat interval requested when none is configured. The registry
+/// clamps it to its own bounds.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 /// Number of sensors the agent reports it can run at once.
 pub const DEFAULT_MAX_CONCURRENT_SENSORS: u32 = 10;
@@ -108,6 +108,7 @@ impl Default for SensorSection {
 #[serde(default, deny_unknown_fields)]
 pub struct CapabilitiesSection {
     /// Runtime names that replace detection when set.
+    #[serde(deserialize_with = "list_or_comma_separated")]
     pub runtimes: Option<Vec<String>>,
 }
 
@@ -118,6 +119,7 @@ pub struct RegistrySection {
     /// Address of one registry.
     pub url: Option<String>,
     /// Addresses of several registries, tried in order on connection failure.
+    #[serde(deserialize_with = "list_or_comma_separated")]
     pub urls: Option<Vec<String>>,
     /// First retry delay of the registration backoff.
     #[serde(deserialize_with = "worker_registry::duration::serde::deserialize")]
@@ -142,6 +144,23 @@ impl Default for RegistrySection {
     }
 }
 
+/// Deserializes a list written as a YAML sequence or, as environment
+/// variables write it, as one comma-separated string.
+fn list_or_comma_separated<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Text(String),
+    }
+
+    let list = match Raw::deserialize(deserializer)? {
+        Raw::List(items) => items,
+        Raw::Text(text) => text.split(',').map(|item| item.trim().to_string()).collect(),
+    };
+    Ok(Some(list))
+}
+
 /// Section `log` of the configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -150,7 +169,7 @@ pub struct LogSection {
     pub format: LogFormat,
 }
 
-/// Where the runtime list came from.
+/// Source of the runtime list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimesSource {
@@ -214,28 +233,28 @@ pub struct Settings {
     pub host: String,
     /// Configured runtime names, normalized; `None` means detection decides.
     pub runtimes: Option<Vec<String>>,
-    /// Where `runtimes` came from.
+    /// Source of `runtimes`.
     pub runtimes_source: RuntimesSource,
     /// Number of sensors this agent can run at once.
     pub max_concurrent_sensors: u32,
     /// Heartbeat interval to request from the registry.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub heartbeat_interval: Duration,
     /// Labels sent with the registration.
     pub labels: BTreeMap<String, String>,
     /// Registry addresses in fail-over order; never empty.
     pub registry_urls: Vec<String>,
     /// Time one runtime probe may take.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub probe_timeout: Duration,
     /// First retry delay of the registration backoff.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub backoff_base: Duration,
     /// Largest retry delay of the registration backoff.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub backoff_cap: Duration,
     /// Time allowed to open a connection to one registry address.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
     /// Directory for the instance id file; `None` picks a default.
     pub state_dir: Option<PathBuf>,
@@ -245,7 +264,7 @@ pub struct Settings {
 
 /// Serializes durations as humantime strings such as `1s 500ms`, so that
 /// `print-config` output reads the way the configuration is written.
-mod humantime_serde_compat {
+mod duration_text {
     use std::time::Duration;
 
     use serde::Serializer;
@@ -266,7 +285,7 @@ pub enum ConfigError {
     Invalid {
         /// Configuration key, such as `sensor.worker_name`.
         key: &'static str,
-        /// What is wrong and how to fix it.
+        /// The broken rule and the fix.
         message: String,
     },
 }
@@ -290,15 +309,12 @@ pub fn load_layers(
         builder = builder.add_source(File::from(path).format(FileFormat::Yaml).required(true));
     }
 
-    // try_parsing is what makes the list keys split on commas; it also turns
-    // numeric strings into numbers, which the deserializers accept back.
+    // Every value stays a string here. The config crate's try_parsing would
+    // split lists, but it would also turn a worker name such as 1e5 into
+    // the number 100000, so list keys split commas in their deserializer.
     let environment = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
-        .list_separator(",")
-        .with_list_parse_key("sensor.capabilities.runtimes")
-        .with_list_parse_key("registry.urls")
-        .try_parsing(true)
         .ignore_empty(true)
         .source(env);
     builder = builder.add_source(environment);
@@ -401,9 +417,7 @@ pub fn resolve(layers: FileSettings, overrides: Overrides, hostname: &str) -> Re
         labels,
         registry_urls,
         probe_timeout,
-        // A base above the cap would make every delay the cap; clamping keeps
-        // the first retries short as intended.
-        backoff_base: registry.backoff_base.min(backoff_cap),
+        backoff_base: registry.backoff_base,
         backoff_cap,
         connect_timeout: registry.connect_timeout,
         state_dir: overrides.state_dir.or(sensor.state_dir),
@@ -566,7 +580,7 @@ mod tests {
             env(&[
                 ("ATTUNE__SENSOR__HEARTBEAT_INTERVAL", "0.5"),
                 ("ATTUNE__SENSOR__MAX_CONCURRENT_SENSORS", "4"),
-                ("ATTUNE__SENSOR__WORKER_NAME", "1234"),
+                ("ATTUNE__SENSOR__WORKER_NAME", "1e5"),
                 ("ATTUNE__REGISTRY__BACKOFF_CAP", "2s"),
             ]),
         )
@@ -576,8 +590,25 @@ mod tests {
 
         assert_eq!(settings.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(settings.max_concurrent_sensors, 4);
-        assert_eq!(settings.worker_name, "1234");
+        assert_eq!(settings.worker_name, "1e5");
         assert_eq!(settings.backoff_cap, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn env_numeric_labels_stay_text() {
+        let layers = load_layers(
+            None,
+            env(&[
+                ("ATTUNE__SENSOR__LABELS__RACK", "12"),
+                ("ATTUNE__SENSOR__LABELS__GPU", "true"),
+            ]),
+        )
+        .unwrap();
+
+        let settings = resolve(layers, Overrides::default(), "h").unwrap();
+
+        assert_eq!(settings.labels.get("rack").map(String::as_str), Some("12"));
+        assert_eq!(settings.labels.get("gpu").map(String::as_str), Some("true"));
     }
 
     #[test]

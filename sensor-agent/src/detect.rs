@@ -236,7 +236,7 @@ pub struct Report {
     pub detected: Vec<Runtime>,
     /// Runtimes the agent registers with.
     pub runtimes: Vec<Runtime>,
-    /// Where the effective list came from.
+    /// Source of the effective list.
     pub source: RuntimesSource,
     /// Configured runtimes that detection did not find on this host.
     pub not_detected: Vec<String>,

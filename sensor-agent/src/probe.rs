@@ -28,7 +28,7 @@ const MAX_OUTPUT_BYTES: u64 = 16 * 1024;
 /// process group is gone.
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
 
-/// What one probe printed and how it ended.
+/// Output and exit status of one probe.
 #[derive(Debug, Clone)]
 pub struct ProbeOutput {
     /// Standard output, lossily decoded as UTF-8.

@@ -2,8 +2,8 @@
 //!
 //! The handlers are installed explicitly, so the agent stops cleanly even as
 //! PID 1 in a container, where the kernel ignores signals that have no
-//! handler. The first signal asks the agent to stop; a second one ends the
-//! process at once.
+//! handler. The first signal requests a clean stop, and a second one ends
+//! the process at once.
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -13,7 +13,7 @@ const EXIT_SECOND_SIGINT: i32 = 130;
 /// Exit status after a second SIGTERM.
 const EXIT_SECOND_SIGTERM: i32 = 143;
 
-/// A handle that tells whether the agent was asked to stop, and waits for it.
+/// Handle that reports whether a stop was requested and waits for one.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     receiver: watch::Receiver<bool>,
@@ -24,11 +24,6 @@ impl Shutdown {
     pub fn new() -> (watch::Sender<bool>, Shutdown) {
         let (sender, receiver) = watch::channel(false);
         (sender, Shutdown { receiver })
-    }
-
-    /// Tells whether a stop was requested.
-    pub fn is_requested(&self) -> bool {
-        *self.receiver.borrow()
     }
 
     /// Waits until a stop is requested.

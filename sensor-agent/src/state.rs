@@ -45,8 +45,8 @@ pub struct StateError {
 /// Without a configured directory the first usable one of
 /// `$STATE_DIRECTORY` (set by systemd), `/var/lib/sensor-agent`,
 /// `$XDG_STATE_HOME/sensor-agent` and `$HOME/.local/state/sensor-agent` is
-/// used. When none is usable the id is random for this run only, and a
-/// warning says that a restart then waits for the old lease to expire.
+/// used. When none is usable, the id is random for this run only and a
+/// warning explains that a restart then waits for the old lease to expire.
 pub fn load_or_create(configured_dir: Option<&Path>) -> Result<InstanceId, StateError> {
     if let Some(dir) = configured_dir {
         return load_or_create_in(dir);
