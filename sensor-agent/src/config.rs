@@ -54,7 +54,11 @@ pub enum LogFormat {
 /// Settings as read from the file and environment layers, before flags
 /// and defaults that depend on the host are applied.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+// Unknown sections and keys are ignored here, because the agent and
+// registry-server often share one YAML file or environment, and keys such
+// as `database.url` or `registry.listen` belong to the server. The sensor
+// section, which only the agent reads, still rejects unknown keys.
+#[serde(default)]
 pub struct FileSettings {
     /// Section `sensor`.
     pub sensor: SensorSection,
@@ -114,7 +118,7 @@ pub struct CapabilitiesSection {
 
 /// Section `registry` of the configuration.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct RegistrySection {
     /// Address of one registry.
     pub url: Option<String>,
@@ -163,7 +167,7 @@ fn list_or_comma_separated<'de, D: serde::Deserializer<'de>>(deserializer: D) ->
 
 /// Section `log` of the configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct LogSection {
     /// Output format.
     pub format: LogFormat,

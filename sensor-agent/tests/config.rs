@@ -279,3 +279,30 @@ fn invalid_config_exits_2() {
         assert!(stderr.contains(expected), "args {args:?} vars {vars:?}: {stderr}");
     }
 }
+
+/// Server keys in a shared file or environment are ignored, so the agent and
+/// registry-server can share one configuration.
+#[test]
+fn server_keys_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = dir.path().join("shared.yaml");
+    std::fs::write(
+        &yaml,
+        "database:\n  url: sqlite://registry.db\nregistry:\n  listen: 127.0.0.1:50051\n  url: http://127.0.0.1:50099\n\
+         log:\n  level: debug\nsensor:\n  worker_name: sensor-shared\n",
+    )
+    .unwrap();
+    let env: HashMap<String, OsString> = HashMap::from([
+        ("PATH".to_string(), OsString::from("/nonexistent")),
+        ("ATTUNE__DATABASE__URL".to_string(), OsString::from("sqlite://other.db")),
+        ("ATTUNE__REGISTRY__SWEEP_INTERVAL".to_string(), OsString::from("5s")),
+    ]);
+    let yaml_text = yaml.display().to_string();
+
+    let (status, stdout, stderr) = run_agent_command(&env, &["print-config", "--config", &yaml_text]);
+
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let printed: Json = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(printed["worker_name"], "sensor-shared");
+    assert!(stdout.contains("http://127.0.0.1:50099"), "{stdout}");
+}
