@@ -44,11 +44,11 @@ pub struct Flags {
     #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
     pub heartbeat_interval: Option<Duration>,
 
-    /// Shortest heartbeat interval granted [default: 1s].
+    /// Minimum heartbeat interval granted [default: 1s].
     #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
     pub min_heartbeat_interval: Option<Duration>,
 
-    /// Longest heartbeat interval granted [default: 300s].
+    /// Maximum heartbeat interval granted [default: 300s].
     #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
     pub max_heartbeat_interval: Option<Duration>,
 

@@ -41,7 +41,7 @@ pub struct LeaseSettings {
     pub mass_expiry_rate: f64,
 }
 
-/// Why a heartbeat was not accepted.
+/// Reasons a heartbeat is rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum HeartbeatError {
     /// No live lease for this worker: register again.
@@ -71,7 +71,7 @@ pub struct HeartbeatAccepted {
 /// Counters exposed for logs, tests and benchmarks.
 #[derive(Debug, Default)]
 pub struct LeaseMetrics {
-    /// Heartbeats answered with success.
+    /// Heartbeats accepted with a success response.
     pub heartbeats_accepted: AtomicU64,
     /// Heartbeat write statements sent to the database.
     pub heartbeat_statements: AtomicU64,
@@ -83,7 +83,7 @@ pub struct LeaseMetrics {
     pub guarded_sweeps: AtomicU64,
 }
 
-/// A session this process knows to be current.
+/// A session that this process has confirmed as current.
 #[derive(Debug, Clone)]
 struct Session {
     token_hash: [u8; 32],
@@ -237,7 +237,7 @@ impl Leases {
         table.sessions.remove(&worker_id);
     }
 
-    /// Accepts a heartbeat or tells why it cannot be accepted.
+    /// Accepts a heartbeat or returns the reason it cannot be accepted.
     ///
     /// The fast path needs no database: the session is known, the token
     /// matches and the lease has not lapsed. Otherwise the session is read
@@ -378,8 +378,8 @@ impl Leases {
         };
 
         // A heartbeat that updated no row belongs to a session that ended
-        // elsewhere; forgetting it sends the worker's next heartbeat to the
-        // database, which returns the right status code.
+        // elsewhere. Forgetting the session sends the worker's next heartbeat
+        // to the database, which returns the right status code.
         if updated.len() != batch.len() {
             let updated: std::collections::HashSet<i64> = updated.into_iter().collect();
             let mut table = self.table.lock().expect("lease table lock");
@@ -482,9 +482,9 @@ impl Leases {
 
     /// Runs the flusher until `shutdown` is cancelled, then flushes once more.
     ///
-    /// A flush runs one flush interval after the previous one, whoever ran
-    /// it, so heartbeat statements stay at one per flush interval plus one
-    /// per sweep.
+    /// A flush runs one flush interval after the previous one, whether the
+    /// flusher or a sweep ran it, so heartbeat statements stay at most at one
+    /// per flush interval plus one per sweep.
     pub async fn run_flusher(self: Arc<Self>, shutdown: CancellationToken) {
         let mut failures: u64 = 0;
 

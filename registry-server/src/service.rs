@@ -32,9 +32,9 @@ use crate::store::{LeaseGrant, StoreError, WorkerRecord};
 pub struct GrantPolicy {
     /// Interval granted when the worker requests none.
     pub default_interval: Duration,
-    /// Shortest interval granted.
+    /// Minimum interval granted.
     pub min_interval: Duration,
-    /// Longest interval granted.
+    /// Maximum interval granted.
     pub max_interval: Duration,
     /// Lease TTL as a multiple of the interval.
     pub missed_heartbeats: u32,

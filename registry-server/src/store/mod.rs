@@ -2,7 +2,7 @@
 //! PostgreSQL implementation chosen by the database URL scheme.
 //!
 //! sqlx errors stay inside this module: each backend maps them to
-//! [`StoreError`] in one function, so the service sees only domain errors.
+//! [`StoreError`] in one function, so the service receives only domain errors.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,7 +35,7 @@ pub enum StoreError {
     /// The session token does not match the current session.
     #[error("session superseded by a newer registration")]
     Superseded,
-    /// The database cannot be reached or did not answer in time.
+    /// The database cannot be reached or did not respond in time.
     #[error("database unavailable: {0}")]
     Unavailable(String),
     /// Any other database failure; its text is logged, never sent to clients.
@@ -170,7 +170,7 @@ pub struct LeaseCounts {
 
 /// Storage backend of the `worker` table.
 ///
-/// Every method is a small number of statements; none holds a transaction
+/// Every method is a small number of statements; none keeps a transaction
 /// open across calls. Timestamps come from the caller (the server's clock),
 /// so that both backends compare them the same way.
 #[async_trait]
@@ -181,7 +181,7 @@ pub trait Store: Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> StoreResult<()>;
 
-    /// Checks that the database answers.
+    /// Checks that the database responds.
     async fn ping(&self) -> StoreResult<()>;
 
     /// Creates or takes over the worker named in the grant and starts a new
