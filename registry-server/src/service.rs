@@ -25,7 +25,8 @@ use worker_registry::validation::{self, ListFilter, ValidationError};
 
 use crate::error::ServiceError;
 use crate::lease::{hash_token, HeartbeatAccepted, Leases};
-use crate::store::{LeaseGrant, StoreError, WorkerRecord};
+use crate::registration::{PendingGrant, RegisterBatcher};
+use crate::store::{StoreError, WorkerRecord};
 
 /// Bounds of the heartbeat interval a worker is granted.
 #[derive(Debug, Clone)]
@@ -54,6 +55,7 @@ impl GrantPolicy {
 #[derive(Clone)]
 pub struct RegistryService {
     leases: Arc<Leases>,
+    registrations: RegisterBatcher,
     policy: GrantPolicy,
     shutdown: CancellationToken,
 }
@@ -63,6 +65,7 @@ impl RegistryService {
     /// with UNAVAILABLE.
     pub fn new(leases: Arc<Leases>, policy: GrantPolicy, shutdown: CancellationToken) -> Self {
         RegistryService {
+            registrations: RegisterBatcher::start(Arc::clone(leases.store())),
             leases,
             policy,
             shutdown,
@@ -99,16 +102,16 @@ impl WorkerRegistry for RegistryService {
         let token_hash = hash_token(&token);
         let capabilities = registration.capabilities_document();
 
-        let grant = LeaseGrant {
-            registration: &registration,
-            capabilities: &capabilities,
-            token_hash: &token_hash,
+        let grant = PendingGrant {
+            registration,
+            capabilities,
+            token_hash,
             heartbeat_interval: interval,
             lease_ttl,
             now: self.leases.clock().now(),
             since_regained: self.leases.since_regained(),
         };
-        let record = self.observe(self.leases.store().register(&grant).await)?;
+        let record = self.observe(self.registrations.register(grant).await)?;
 
         self.leases.session_started(record.id, token_hash, lease_ttl, interval);
         tracing::Span::current().record("worker_id", record.id);

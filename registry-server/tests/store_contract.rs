@@ -68,6 +68,7 @@ contract_tests!(
     register_respects_grace,
     concurrent_register_same_instance,
     concurrent_register_different_instances,
+    register_batch_matches_single,
     heartbeat_renews_lease,
     heartbeat_stale_token_updates_nothing,
     heartbeat_batch_mixed,
@@ -226,6 +227,69 @@ async fn get(store: &dyn Store, id: i64) -> WorkerRecord {
 }
 
 // Registration.
+
+/// Proves that a register batch gives each grant the result a single
+/// register would: new rows, takeover by the same instance, ALREADY_EXISTS
+/// against a live holder, and a name repeated in the batch applied in order.
+async fn register_batch_matches_single(fixture: &Fixture) {
+    let store = fixture.store.as_ref();
+    let held = register(store, &registration("held", "holder"), &token(1), t0())
+        .await
+        .unwrap();
+    let own = register(store, &registration("own", "same"), &token(2), t0())
+        .await
+        .unwrap();
+
+    let registrations = [
+        registration("fresh-a", "a"),
+        registration("held", "intruder"),
+        registration("own", "same"),
+        registration("fresh-b", "b"),
+        registration("fresh-a", "a"),
+    ];
+    let documents: Vec<_> = registrations.iter().map(Registration::capabilities_document).collect();
+    let hashes: Vec<Vec<u8>> = (0..registrations.len()).map(|index| token(10 + index as u8)).collect();
+    let grants: Vec<LeaseGrant<'_>> = registrations
+        .iter()
+        .zip(&documents)
+        .zip(&hashes)
+        .map(|((registration, capabilities), token_hash)| LeaseGrant {
+            registration,
+            capabilities,
+            token_hash,
+            heartbeat_interval: INTERVAL,
+            lease_ttl: TTL,
+            now: at(1000),
+            since_regained: NO_GRACE,
+        })
+        .collect();
+
+    let results = store.register_batch(&grants).await;
+
+    assert_eq!(results.len(), grants.len());
+    let fresh_a = results[0].as_ref().expect("new name registered");
+    assert_eq!(fresh_a.name, "fresh-a");
+    assert!(
+        matches!(&results[1], Err(StoreError::AlreadyExists { instance_id, .. }) if instance_id == "holder"),
+        "a live holder keeps its name: {:?}",
+        results[1]
+    );
+    assert_eq!(results[2].as_ref().expect("same instance takes over").id, own.id);
+    assert_eq!(results[3].as_ref().expect("second new name").name, "fresh-b");
+    let repeated = results[4].as_ref().expect("repeated name in the batch");
+    assert_eq!(repeated.id, fresh_a.id, "a repeated name keeps its id");
+
+    let stored = store.get_by_name("fresh-a").await.unwrap().unwrap();
+    let session = store.session(stored.id).await.unwrap().unwrap();
+    assert_eq!(
+        session.token_hash,
+        Some(token(14)),
+        "the later grant of a repeated name wins"
+    );
+    let holder = store.session(held.id).await.unwrap().unwrap();
+    assert_eq!(holder.token_hash, Some(token(1)), "the holder's session is untouched");
+    assert_eq!(store.list(&all_workers(), 0, at(1000)).await.unwrap().len(), 4);
+}
 
 /// Proves that a new registration stores every field of the grant and starts an active lease.
 async fn register_creates_worker(fixture: &Fixture) {

@@ -189,6 +189,18 @@ pub trait Store: Send + Sync + 'static {
     /// instance holds a live lease on that name.
     async fn register(&self, grant: &LeaseGrant<'_>) -> StoreResult<WorkerRecord>;
 
+    /// Registers several workers and returns one result per grant, in order.
+    /// Each result is what [`Store::register`] would return for its grant.
+    /// Backends override it to write a whole batch in one statement; the
+    /// default registers one grant after the other.
+    async fn register_batch(&self, grants: &[LeaseGrant<'_>]) -> Vec<StoreResult<WorkerRecord>> {
+        let mut results = Vec::with_capacity(grants.len());
+        for grant in grants {
+            results.push(self.register(grant).await);
+        }
+        results
+    }
+
     /// Reads the session fields of one worker.
     async fn session(&self, worker_id: i64) -> StoreResult<Option<SessionRecord>>;
 

@@ -7,6 +7,7 @@
 //! precision the SQLite backend stores, so both backends compare them the
 //! same way.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
@@ -165,6 +166,108 @@ impl PostgresStore {
         row.as_ref().map(decode_worker).transpose()
     }
 
+    /// Runs one multi-row register upsert for grants with distinct names and
+    /// returns the rows it wrote, by name. A name missing from the result is
+    /// held by a live lease of another instance, or was deleted meanwhile.
+    async fn try_register_batch(
+        &self,
+        grants: &[&LeaseGrant<'_>],
+    ) -> Result<HashMap<String, WorkerRecord>, sqlx::Error> {
+        let count = grants.len();
+        let mut names = Vec::with_capacity(count);
+        let mut roles = Vec::with_capacity(count);
+        let mut hosts = Vec::with_capacity(count);
+        let mut capabilities = Vec::with_capacity(count);
+        let mut instance_ids = Vec::with_capacity(count);
+        let mut hashes = Vec::with_capacity(count);
+        let mut times = Vec::with_capacity(count);
+        let mut deadlines = Vec::with_capacity(count);
+        let mut ttls = Vec::with_capacity(count);
+        let mut intervals = Vec::with_capacity(count);
+        let mut since_regained = i64::MAX;
+        for grant in grants {
+            let registration = grant.registration;
+            let now = db_time(grant.now);
+            let lease_ttl_ms = duration_ms(grant.lease_ttl);
+            names.push(registration.name.clone());
+            roles.push(registration.role.as_str());
+            hosts.push(registration.host.clone());
+            capabilities.push(Json::Object(grant.capabilities.clone()).to_string());
+            instance_ids.push(registration.instance_id.clone());
+            hashes.push(grant.token_hash.to_vec());
+            times.push(now);
+            deadlines.push(now + TimeDelta::milliseconds(lease_ttl_ms));
+            ttls.push(lease_ttl_ms);
+            intervals.push(duration_ms(grant.heartbeat_interval));
+            // The shortest time since regaining the database keeps the most
+            // leases in their grace period, so no grant takes over too early.
+            since_regained = since_regained.min(duration_ms(grant.since_regained));
+        }
+
+        // Rows are inserted in name order so that concurrent batches lock
+        // them in the same order and cannot deadlock each other. The
+        // conflict rule is the one of the single-row upsert.
+        let sql = format!(
+            r#"
+            INSERT INTO worker AS w (
+                name, worker_role, host, status, capabilities, instance_id, session_token_hash,
+                last_heartbeat, lease_expires, lease_ttl_ms, heartbeat_interval_ms, created, updated)
+            SELECT i.name, i.role::worker_role_enum, NULLIF(i.host, ''), 'active', i.capabilities::jsonb,
+                   i.instance_id, i.hash, i.at, i.expires, i.ttl_ms, i.interval_ms, i.at, i.at
+            FROM unnest(
+                $1::text[],         -- names
+                $2::text[],         -- roles
+                $3::text[],         -- hosts
+                $4::text[],         -- capabilities as JSON text
+                $5::text[],         -- instance ids
+                $6::bytea[],        -- session token hashes
+                $7::timestamptz[],  -- registration times
+                $8::timestamptz[],  -- lease deadlines
+                $9::bigint[],       -- lease TTLs in ms
+                $10::bigint[]       -- heartbeat intervals in ms
+            ) AS i(name, role, host, capabilities, instance_id, hash, at, expires, ttl_ms, interval_ms)
+            ORDER BY i.name
+            ON CONFLICT (name) DO UPDATE SET
+                worker_role = EXCLUDED.worker_role,
+                host = EXCLUDED.host,
+                status = 'active',
+                capabilities = EXCLUDED.capabilities,
+                instance_id = EXCLUDED.instance_id,
+                session_token_hash = EXCLUDED.session_token_hash,
+                last_heartbeat = EXCLUDED.last_heartbeat,
+                lease_expires = EXCLUDED.lease_expires,
+                lease_ttl_ms = EXCLUDED.lease_ttl_ms,
+                heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms,
+                updated = EXCLUDED.updated
+            WHERE NOT (w.status IN ('active', 'busy')
+                       AND (w.lease_expires >= EXCLUDED.last_heartbeat OR w.lease_ttl_ms > $11))  -- $11: since_regained ms
+               OR w.instance_id = EXCLUDED.instance_id
+            RETURNING {WORKER_COLUMNS}"#
+        );
+
+        let rows = sqlx::query(&sql)
+            .bind(&names)
+            .bind(&roles)
+            .bind(&hosts)
+            .bind(&capabilities)
+            .bind(&instance_ids)
+            .bind(&hashes)
+            .bind(&times)
+            .bind(&deadlines)
+            .bind(&ttls)
+            .bind(&intervals)
+            .bind(since_regained)
+            .fetch_all(&self.pool)
+            .await?;
+
+        let mut written = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let record = decode_worker(row)?;
+            written.insert(record.name.clone(), record);
+        }
+        Ok(written)
+    }
+
     /// Reads one worker with the given `WHERE` condition on `$1`.
     async fn get_where<T>(&self, condition: &str, value: T) -> StoreResult<Option<WorkerRecord>>
     where
@@ -259,6 +362,69 @@ impl Store for PostgresStore {
             }
         })
         .await
+    }
+
+    #[instrument(skip_all, name = "store.postgres.register_batch", fields(count = grants.len()))]
+    async fn register_batch(&self, grants: &[LeaseGrant<'_>]) -> Vec<StoreResult<WorkerRecord>> {
+        if grants.len() <= 1 {
+            let mut results = Vec::with_capacity(grants.len());
+            for grant in grants {
+                results.push(self.register(grant).await);
+            }
+            return results;
+        }
+
+        // One statement cannot upsert the same name twice, so a name that
+        // repeats goes to a later round, which keeps the callers' order.
+        let mut results: Vec<Option<StoreResult<WorkerRecord>>> = grants.iter().map(|_| None).collect();
+        let mut remaining: Vec<usize> = (0..grants.len()).collect();
+        while !remaining.is_empty() {
+            let mut seen = std::collections::HashSet::new();
+            let (round, later): (Vec<usize>, Vec<usize>) = remaining
+                .iter()
+                .partition(|&&index| seen.insert(grants[index].registration.name.as_str()));
+            remaining = later;
+
+            let batch: Vec<&LeaseGrant<'_>> = round.iter().map(|&index| &grants[index]).collect();
+            let outcome = self
+                .bounded(async { self.try_register_batch(&batch).await.map_err(map_error) })
+                .await;
+            let written = match outcome {
+                Ok(written) => written,
+                Err(StoreError::Unavailable(reason)) => {
+                    // Retrying row by row would only wait for the same timeout again.
+                    for &index in &round {
+                        results[index] = Some(Err(StoreError::Unavailable(reason.clone())));
+                    }
+                    continue;
+                }
+                Err(error) => {
+                    // A race with another register, or another failure of the
+                    // batch: each grant gets the single-row path, with its
+                    // retries and its own error.
+                    tracing::debug!(error = %error, "register batch failed; registering one by one");
+                    for &index in &round {
+                        results[index] = Some(self.register(&grants[index]).await);
+                    }
+                    continue;
+                }
+            };
+
+            for &index in &round {
+                let name = &grants[index].registration.name;
+                results[index] = Some(match written.get(name) {
+                    Some(record) => Ok(record.clone()),
+                    // Held by another instance, or deleted meanwhile: the
+                    // single-row path reads the holder or inserts again.
+                    None => self.register(&grants[index]).await,
+                });
+            }
+        }
+
+        results
+            .into_iter()
+            .map(|result| result.unwrap_or_else(|| Err(StoreError::Internal("register batch lost a result".into()))))
+            .collect()
     }
 
     #[instrument(skip_all, name = "store.postgres.session", fields(worker_id))]
