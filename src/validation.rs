@@ -435,12 +435,18 @@ pub fn validate_duration(field: &str, duration: &prost_types::Duration) -> Resul
         return Err(ValidationError::new(
             field,
             format!(
-                "must be a non-negative duration, got {}s {}ns",
-                duration.seconds, duration.nanos
+                "must be a non-negative duration such as \"30s\", got {}",
+                format_proto_duration(duration)
             ),
         ));
     }
     Ok(Duration::new(duration.seconds as u64, duration.nanos as u32))
+}
+
+/// Formats a protobuf Duration the way its JSON form reads, such as `-5.5s`.
+fn format_proto_duration(duration: &prost_types::Duration) -> String {
+    let total = duration.seconds as f64 + f64::from(duration.nanos) / 1e9;
+    format!("{total}s")
 }
 
 /// Checks the worker id and session token of a Heartbeat or Deregister.
@@ -470,8 +476,20 @@ pub fn validate_heartbeat_status(value: i32) -> Result<Option<Status>> {
         Some(status @ (Status::Active | Status::Busy)) => Ok(Some(status)),
         _ => Err(ValidationError::new(
             "status",
-            format!("must be WORKER_STATUS_ACTIVE, WORKER_STATUS_BUSY or unset, got {value}"),
+            format!(
+                "must be WORKER_STATUS_ACTIVE, WORKER_STATUS_BUSY or unset, got {}",
+                status_name(value)
+            ),
         )),
+    }
+}
+
+/// Returns the protocol name of a status value, or the number when it is
+/// outside the enum.
+fn status_name(value: i32) -> String {
+    match proto::WorkerStatus::try_from(value) {
+        Ok(status) => status.as_str_name().to_string(),
+        Err(_) => value.to_string(),
     }
 }
 
@@ -508,7 +526,11 @@ pub fn validate_list(request: &proto::ListRequest) -> Result<ListFilter> {
         let status = Status::from_proto(*value).ok_or_else(|| {
             ValidationError::new(
                 format!("statuses[{index}]"),
-                format!("unknown or unspecified value {value}"),
+                format!(
+                    "unknown or unspecified value {}: use WORKER_STATUS_ACTIVE, WORKER_STATUS_INACTIVE, \
+                     WORKER_STATUS_BUSY or WORKER_STATUS_ERROR",
+                    status_name(*value)
+                ),
             )
         })?;
         if !statuses.contains(&status) {

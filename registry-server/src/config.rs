@@ -191,8 +191,9 @@ impl Settings {
 
         builder = apply_flags(builder, flags)?;
 
-        let settings: Settings = builder
-            .build()?
+        let merged = builder.build()?;
+        check_unknown_keys(&merged)?;
+        let settings: Settings = merged
             .try_deserialize()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         settings.validate()?;
@@ -201,6 +202,20 @@ impl Settings {
 
     /// Checks relations between values that each look valid alone.
     pub fn validate(&self) -> anyhow::Result<()> {
+        let scheme = self.database.url.split(':').next().unwrap_or_default();
+        anyhow::ensure!(
+            matches!(scheme, "sqlite" | "postgres" | "postgresql") && self.database.url.contains(':'),
+            "invalid database.url {:?}: use sqlite://FILE or postgresql://USER@HOST:PORT/DB",
+            crate::store::redact_url(&self.database.url)
+        );
+        if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            anyhow::bail!(
+                "invalid log.level {:?}: {error}; use a level such as info or debug, or directives such as \
+                 info,registry_server=debug",
+                self.log.level
+            );
+        }
+
         let registry = &self.registry;
         anyhow::ensure!(
             !registry.min_heartbeat_interval.is_zero(),
@@ -270,6 +285,70 @@ impl Settings {
     pub fn lease_ttl(&self, interval: Duration) -> Duration {
         interval * self.registry.missed_heartbeats
     }
+}
+
+/// Keys the server reads, by section.
+const SERVER_KEYS: [(&str, &[&str]); 3] = [
+    (
+        "database",
+        &["url", "max_connections", "connect_timeout", "statement_timeout"],
+    ),
+    (
+        "registry",
+        &[
+            "listen",
+            "heartbeat_interval",
+            "min_heartbeat_interval",
+            "max_heartbeat_interval",
+            "missed_heartbeats",
+            "sweep_interval",
+            "flush_interval",
+            "shutdown_grace",
+            "reflection",
+            "mass_expiry_guard",
+            "mass_expiry_threshold",
+            "mass_expiry_min_live",
+            "mass_expiry_rate",
+        ],
+    ),
+    ("log", &["format", "level"]),
+];
+
+/// Keys of sensor-agent that may share a file or environment with the
+/// server; the server ignores them.
+const AGENT_REGISTRY_KEYS: [&str; 5] = ["url", "urls", "backoff_base", "backoff_cap", "connect_timeout"];
+
+/// Rejects keys that neither the server nor the agent reads, so a typo such
+/// as `registry.lisen` fails at start instead of being ignored.
+fn check_unknown_keys(merged: &config::Config) -> anyhow::Result<()> {
+    let sections: std::collections::HashMap<String, config::Value> = merged
+        .clone()
+        .try_deserialize()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+
+    for (section, value) in sections {
+        if section == "sensor" {
+            continue;
+        }
+        let Some((_, known)) = SERVER_KEYS.iter().find(|(name, _)| *name == section) else {
+            anyhow::bail!(
+                "invalid configuration: unknown section {section:?}; the server reads database, registry and log"
+            );
+        };
+        let Ok(table) = value.into_table() else {
+            anyhow::bail!("invalid configuration: {section} must be a mapping of keys");
+        };
+        for key in table.keys() {
+            let shared = section == "registry" && AGENT_REGISTRY_KEYS.contains(&key.as_str());
+            if !known.contains(&key.as_str()) && !shared {
+                anyhow::bail!(
+                    "invalid configuration: unknown key {section}.{key}; known keys of {section}: {}",
+                    known.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn apply_flags(

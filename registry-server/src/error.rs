@@ -35,7 +35,8 @@ impl From<ServiceError> for Status {
                 "worker {id} holds no live lease (unknown, expired or deregistered); register again"
             )),
             ServiceError::Heartbeat(HeartbeatError::Superseded(id)) => Status::failed_precondition(format!(
-                "session of worker {id} was superseded by a newer registration; stop heartbeating with this token"
+                "session token is not the current one of worker {id}: a newer registration superseded it, or it \
+                 is wrong; stop heartbeating with this token and use the token of the latest RegisterResponse"
             )),
             ServiceError::Heartbeat(HeartbeatError::Store(store)) | ServiceError::Store(store) => store_status(store),
         }

@@ -1,6 +1,8 @@
 //! `registry-server`: parses flags, loads configuration, starts logging and
 //! runs the gRPC server or the migrations.
 
+use std::io::IsTerminal;
+
 use clap::{Parser, Subcommand};
 use registry_server::config::{Flags, LogFormat, Settings};
 use registry_server::server::{open_store, Server};
@@ -59,8 +61,14 @@ async fn main() -> std::process::ExitCode {
 }
 
 fn init_logging(settings: &Settings) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // sqlx logs PostgreSQL notices such as "relation already exists,
+    // skipping" at info on every start; they are noise for operators.
+    let directives = format!("{},sqlx::postgres::notice=warn", settings.log.level);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directives));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     match settings.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(false).init(),

@@ -197,9 +197,13 @@ impl WorkerRegistry for RegistryService {
         let record = match self.observe(result) {
             Ok(record) => record,
             Err(ServiceError::Store(StoreError::NotFound)) => {
-                return Err(ServiceError::NotFound(format!("worker {} not found", request.worker_id)).into())
+                warn!(worker_id = request.worker_id, "deregister rejected: unknown worker");
+                return Err(ServiceError::NotFound(format!("worker {} not found", request.worker_id)).into());
             }
-            Err(error) => return Err(error.into()),
+            Err(error) => {
+                warn!(worker_id = request.worker_id, error = %error, "deregister rejected");
+                return Err(error.into());
+            }
         };
 
         self.leases.session_ended(record.id);

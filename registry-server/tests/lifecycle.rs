@@ -294,17 +294,31 @@ fn invalid_config_names_key() {
     let config = dir.path().join("registry.yaml");
     std::fs::write(&config, "registry:\n  missed_heartbeats: abc\n").unwrap();
     let config = config.to_str().unwrap();
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(&typo, "registry:\n  lisen: 127.0.0.1:1\n").unwrap();
+    let typo = typo.to_str().unwrap();
 
-    let cases: [(&[&str], &[&str]); 2] = [
+    let cases: [(&[&str], &[&str]); 5] = [
         (
             &["--min-heartbeat-interval", "10s", "--heartbeat-interval", "5s"],
             &["registry.heartbeat_interval", "registry.min_heartbeat_interval"],
         ),
         (&["--config", config], &["missed_heartbeats"]),
+        (&["--config", typo], &["registry.lisen"]),
+        (&["--database-url", "mysql://u@127.0.0.1/db"], &["database.url"]),
+        (&["--database-url", "/tmp/registry.db"], &["database.url"]),
     ];
     for (args, keys) in cases {
-        let output = run_to_completion(server_command(&url, args), b"", SHORT_RUN_TIMEOUT);
+        let command = if args.contains(&"--database-url") {
+            let mut own_database = args.to_vec();
+            own_database.extend(["--listen", "127.0.0.1:0"]);
+            base_command(&own_database)
+        } else {
+            server_command(&url, args)
+        };
+        let output = run_to_completion(command, b"", SHORT_RUN_TIMEOUT);
 
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", output.stderr);
         assert!(!output.status.success(), "{args:?} started: {}", output.stdout);
         assert!(!output.stdout.contains("listening"), "{args:?} started listening");
         for key in keys {

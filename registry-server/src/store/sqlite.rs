@@ -57,7 +57,11 @@ impl SqliteStore {
             .acquire_timeout(options.connect_timeout)
             .connect_with(connect)
             .await
-            .map_err(|e| anyhow::anyhow!("failed to open SQLite database: {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "failed to open SQLite database {url}: {e}; check that the directory exists and is writable"
+                )
+            })?;
 
         Ok(SqliteStore { pool })
     }
