@@ -93,8 +93,14 @@ impl fmt::Debug for Session {
 /// Cause of one failed attempt to reach the registry.
 #[derive(Debug)]
 enum Failure {
-    /// No connection could be opened.
-    Connect(tonic::transport::Error),
+    /// No connection could be opened to the registry at `url`.
+    Connect {
+        /// The address that failed, which is no longer the current one
+        /// after a fail-over.
+        url: String,
+        /// The transport error.
+        error: tonic::transport::Error,
+    },
     /// The registry or the transport returned a status.
     Status(Status),
     /// No heartbeat response arrived in time.
@@ -106,13 +112,7 @@ enum Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Connect(error) => {
-                write!(f, "connection failed: {error}")?;
-                if let Some(source) = std::error::Error::source(error) {
-                    write!(f, ": {source}")?;
-                }
-                Ok(())
-            }
+            Failure::Connect { error, .. } => write!(f, "connection failed: {}", error_chain(error)),
             Failure::Status(status) => write!(f, "{:?}: {}", status.code(), status.message()),
             Failure::Timeout(after) => write!(f, "no response within {}", humantime::format_duration(*after)),
             Failure::Closed => f.write_str("stream closed by the registry"),
@@ -453,8 +453,9 @@ impl Agent {
                 Ok(client)
             }
             Err(error) => {
+                let url = url.clone();
                 self.fail_over();
-                Err(Failure::Connect(error))
+                Err(Failure::Connect { url, error })
             }
         }
     }
@@ -495,9 +496,13 @@ impl Agent {
         Failure::Status(status)
     }
 
+    /// Logs one retry, naming the registry that failed.
     fn log_retry(&self, message: &'static str, failure: &Failure, delay: Duration) {
         let attempt = self.backoff.attempt();
-        let registry = &self.endpoints[self.current].0;
+        let registry = match failure {
+            Failure::Connect { url, .. } => url.as_str(),
+            _ => self.endpoints[self.current].0.as_str(),
+        };
         let retry_in = humantime::format_duration(round_to_millis(delay));
         if is_logged_at_warn(attempt) {
             tracing::warn!(attempt, reason = %failure, %retry_in, %registry, "{message}");
@@ -519,6 +524,24 @@ impl Agent {
 /// Tells whether retry number `attempt` is logged at warn level rather than debug.
 fn is_logged_at_warn(attempt: u32) -> bool {
     attempt <= ALWAYS_LOGGED_ATTEMPTS || attempt.is_power_of_two()
+}
+
+/// Formats an error followed by each cause in its `source()` chain. A
+/// cause whose text the previous message already contains is skipped.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut previous = text.clone();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !previous.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        previous = cause_text;
+        source = cause.source();
+    }
+    text
 }
 
 fn build_registration(settings: &Settings, runtimes: &[Runtime], instance_id: &str) -> RegisterRequest {
@@ -598,6 +621,24 @@ mod tests {
         let warned: Vec<u32> = (1..=40).filter(|attempt| is_logged_at_warn(*attempt)).collect();
 
         assert_eq!(warned, [1, 2, 3, 4, 8, 16, 32]);
+    }
+
+    /// Every cause of a chain is printed once, even when a message repeats
+    /// the text of its cause.
+    #[test]
+    fn error_chain_lists_causes_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error")]
+        struct Connect(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error: {0}")]
+        struct Transport(#[source] Connect);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let refused_text = refused.to_string();
+
+        let text = error_chain(&Transport(Connect(refused)));
+
+        assert_eq!(text, format!("transport error: tcp connect error: {refused_text}"));
     }
 
     #[test]

@@ -386,7 +386,8 @@ async fn other_instance_waits_for_lease() {
     assert_eq!(registered.unwrap()["fields"]["worker_id"], first.id);
 }
 
-/// With an unreachable first address, the agent fails over to the second.
+/// With an unreachable first address, the agent fails over to the second,
+/// and the retry log names the address that refused and the cause.
 #[tokio::test(flavor = "multi_thread")]
 async fn fails_over_to_next_url() {
     let dir = tempfile::tempdir().unwrap();
@@ -394,7 +395,7 @@ async fn fails_over_to_next_url() {
     let dead_url = format!("http://127.0.0.1:{}", free_port());
     let agent = start_agent(&agent_options(
         "sensor-failover",
-        vec![dead_url, server.url()],
+        vec![dead_url.clone(), server.url()],
         dir.path(),
     ));
 
@@ -410,6 +411,13 @@ async fn fails_over_to_next_url() {
         .wait_for("registered", Duration::from_secs(1))
         .expect("registered log");
     assert_eq!(registered["fields"]["registry"], server.url().as_str());
+    let retry = agent
+        .logs
+        .wait_for("registration failed; retrying", Duration::from_secs(1))
+        .unwrap_or_else(|| panic!("no retry log; logs:\n{}", agent_logs(&agent)));
+    assert_eq!(retry["fields"]["registry"], dead_url.as_str());
+    let reason = retry["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("Connection refused"), "reason: {reason}");
 }
 
 /// A Register by another client with the same instance id supersedes the
