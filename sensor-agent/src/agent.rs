@@ -48,9 +48,16 @@ const RESPONSE_DEADLINE_INTERVALS: u32 = 2;
 const MIN_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Retries up to this count are logged at warn level. Later ones are
-/// logged at warn only when the count is a power of two, so a long outage
-/// logs one line per doubling of its length instead of one per retry.
+/// logged at warn only every `WARN_EVERY_ATTEMPTS` retries or when
+/// `WARN_AT_LEAST_EVERY` has passed since the last warn line, so a long
+/// outage stays visible without one line per retry.
 const ALWAYS_LOGGED_ATTEMPTS: u32 = 3;
+
+/// Retry count step between warn lines after the first few retries.
+const WARN_EVERY_ATTEMPTS: u32 = 10;
+
+/// Longest time between two warn lines while retries go on.
+const WARN_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
 
 /// Errors that stop the agent with a non-zero exit status.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +154,8 @@ pub struct Agent {
     backoff: Backoff,
     backoff_cap: Duration,
     shutdown: Shutdown,
+    /// Time of the last retry logged at warn level.
+    last_retry_warning: Option<Instant>,
 }
 
 impl Agent {
@@ -189,6 +198,7 @@ impl Agent {
             backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
             backoff_cap: settings.backoff_cap,
             shutdown,
+            last_retry_warning: None,
         };
         Ok(agent)
     }
@@ -496,16 +506,19 @@ impl Agent {
         Failure::Status(status)
     }
 
-    /// Logs one retry, naming the registry that failed.
-    fn log_retry(&self, message: &'static str, failure: &Failure, delay: Duration) {
+    /// Logs one retry, at warn level as `is_logged_at_warn` decides and at
+    /// debug level otherwise. The registry named is the one that failed.
+    fn log_retry(&mut self, message: &'static str, failure: &Failure, delay: Duration) {
         let attempt = self.backoff.attempt();
         let registry = match failure {
             Failure::Connect { url, .. } => url.as_str(),
             _ => self.endpoints[self.current].0.as_str(),
         };
         let retry_in = humantime::format_duration(round_to_millis(delay));
-        if is_logged_at_warn(attempt) {
+        let since_warning = self.last_retry_warning.map(|at| at.elapsed());
+        if is_logged_at_warn(attempt, since_warning) {
             tracing::warn!(attempt, reason = %failure, %retry_in, %registry, "{message}");
+            self.last_retry_warning = Some(Instant::now());
         } else {
             tracing::debug!(attempt, reason = %failure, %retry_in, %registry, "{message}");
         }
@@ -521,9 +534,12 @@ impl Agent {
     }
 }
 
-/// Tells whether retry number `attempt` is logged at warn level rather than debug.
-fn is_logged_at_warn(attempt: u32) -> bool {
-    attempt <= ALWAYS_LOGGED_ATTEMPTS || attempt.is_power_of_two()
+/// Tells whether retry number `attempt` is logged at warn level rather than
+/// debug. `since_warning` is the time since the last warn line, if any.
+fn is_logged_at_warn(attempt: u32, since_warning: Option<Duration>) -> bool {
+    attempt <= ALWAYS_LOGGED_ATTEMPTS
+        || attempt % WARN_EVERY_ATTEMPTS == 0
+        || since_warning.is_none_or(|elapsed| elapsed >= WARN_AT_LEAST_EVERY)
 }
 
 /// Formats an error followed by each cause in its `source()` chain. A
@@ -616,11 +632,24 @@ mod tests {
         assert_eq!(request.heartbeat_interval.unwrap().seconds, 30);
     }
 
+    /// After three retries only every tenth is logged at warn, while warn
+    /// lines come less than a minute apart.
     #[test]
     fn retry_logs_thin_out() {
-        let warned: Vec<u32> = (1..=40).filter(|attempt| is_logged_at_warn(*attempt)).collect();
+        let recent = Some(Duration::from_secs(5));
 
-        assert_eq!(warned, [1, 2, 3, 4, 8, 16, 32]);
+        let warned: Vec<u32> = (1..=40).filter(|attempt| is_logged_at_warn(*attempt, recent)).collect();
+
+        assert_eq!(warned, [1, 2, 3, 10, 20, 30, 40]);
+    }
+
+    /// A retry is logged at warn when the last warn line is a minute old,
+    /// so that a long outage with slow retries stays visible.
+    #[test]
+    fn retry_logs_at_least_once_a_minute() {
+        assert!(is_logged_at_warn(17, Some(WARN_AT_LEAST_EVERY)));
+        assert!(is_logged_at_warn(17, None));
+        assert!(!is_logged_at_warn(17, Some(Duration::from_secs(59))));
     }
 
     /// Every cause of a chain is printed once, even when a message repeats
