@@ -154,6 +154,8 @@ pub struct Agent {
     backoff: Backoff,
     backoff_cap: Duration,
     shutdown: Shutdown,
+    /// When the heartbeat stream was lost, until a heartbeat succeeds again.
+    stream_lost_at: Option<Instant>,
     /// Time of the last retry logged at warn level.
     last_retry_warning: Option<Instant>,
 }
@@ -198,6 +200,7 @@ impl Agent {
             backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
             backoff_cap: settings.backoff_cap,
             shutdown,
+            stream_lost_at: None,
             last_retry_warning: None,
         };
         Ok(agent)
@@ -319,10 +322,16 @@ impl Agent {
     async fn keep_alive(&mut self, session: &mut Session) -> LeaseEnd {
         loop {
             let failure = match self.heartbeat_stream(session).await {
-                Ok(end) => return end,
+                Ok(end) => {
+                    // Registering again logs its own line, so a loss that
+                    // ends this way is not reported as restored.
+                    self.stream_lost_at = None;
+                    return end;
+                }
                 Err(failure) => failure,
             };
 
+            self.stream_lost_at.get_or_insert_with(Instant::now);
             let delay = self.backoff.next_delay();
             self.log_retry("heartbeat stream lost; reconnecting", &failure, delay);
             if self.sleep_or_stop(delay).await {
@@ -380,10 +389,27 @@ impl Agent {
                 }
             }
 
+            // The stream is read while waiting, so that a stream the
+            // registry ends or fails, as it does on shutdown, is noticed at
+            // once instead of at the next send.
             let next_send = sent_at + session.interval;
-            tokio::select! {
-                _ = stop.requested() => return Ok(LeaseEnd::Stop),
-                _ = tokio::time::sleep_until(next_send) => {}
+            loop {
+                let unrequested = tokio::select! {
+                    _ = stop.requested() => return Ok(LeaseEnd::Stop),
+                    _ = tokio::time::sleep_until(next_send) => break,
+                    message = responses.message() => message,
+                };
+                match unrequested {
+                    Ok(Some(_)) => tracing::debug!(
+                        worker_id = session.worker_id,
+                        "ignored a heartbeat response while no request was pending"
+                    ),
+                    Ok(None) => {
+                        self.client = None;
+                        return Err(Failure::Closed);
+                    }
+                    Err(status) => return self.classify(status),
+                }
             }
 
             sent_at = Instant::now();
@@ -395,6 +421,15 @@ impl Agent {
     }
 
     fn accept_heartbeat(&mut self, session: &mut Session, response: &proto::HeartbeatResponse) {
+        if let Some(lost_at) = self.stream_lost_at.take() {
+            tracing::info!(
+                worker_id = session.worker_id,
+                registry = %self.endpoints[self.current].0,
+                attempts = self.backoff.attempt(),
+                downtime = %humantime::format_duration(round_to_millis(lost_at.elapsed())),
+                "heartbeat stream restored"
+            );
+        }
         self.backoff.reset();
 
         let granted = response.heartbeat_interval.and_then(positive_duration);
