@@ -21,6 +21,9 @@ pub mod probe;
 pub mod shutdown;
 pub mod state;
 
+use std::ffi::OsString;
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, Settings};
@@ -35,16 +38,26 @@ pub fn system_hostname() -> String {
 }
 
 /// Starts logging to stderr in the configured format. `RUST_LOG` sets the
-/// filter and defaults to `info`.
+/// filter and defaults to `info`. Text logs are coloured only when stderr
+/// is a terminal and `NO_COLOR` is unset or empty.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = use_ansi(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Tells whether log lines may contain ANSI colour codes. Any non-empty
+/// `NO_COLOR` value turns them off, following the common `NO_COLOR`
+/// convention.
+fn use_ansi(is_terminal: bool, no_color: Option<OsString>) -> bool {
+    is_terminal && no_color.is_none_or(|value| value.is_empty())
 }
 
 /// Detects runtimes and combines them with the configured list, logging
@@ -95,4 +108,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Colour codes appear only on a terminal without a non-empty `NO_COLOR`.
+    #[test]
+    fn ansi_needs_terminal_and_no_no_color() {
+        assert!(use_ansi(true, None));
+        assert!(use_ansi(true, Some(OsString::new())));
+        assert!(!use_ansi(true, Some(OsString::from("1"))));
+        assert!(!use_ansi(false, None));
+    }
 }
