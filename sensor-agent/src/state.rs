@@ -30,13 +30,13 @@ pub struct InstanceId {
 
 /// A state directory that cannot hold the instance id.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot keep the instance id in {path}: {source}; make the directory writable or set --state-dir")]
+#[error("cannot keep the instance id in {path}: {error}; make the directory writable or set --state-dir")]
 pub struct StateError {
     /// File or directory that failed.
     pub path: PathBuf,
-    /// The underlying error.
-    #[source]
-    pub source: io::Error,
+    /// The underlying error. The message already contains it, so it is not
+    /// also returned by `source()`, which would print it twice in a chain.
+    pub error: io::Error,
 }
 
 /// Loads the instance id from `configured_dir`, creating the directory and
@@ -94,7 +94,7 @@ fn load_or_create_in(dir: &Path) -> Result<InstanceId, StateError> {
     let file = dir.join(INSTANCE_ID_FILE);
     let error_at = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| StateError { path, source }
+        move |error| StateError { path, error }
     };
 
     match fs::read_to_string(&file) {

@@ -306,3 +306,32 @@ fn server_keys_are_ignored() {
     assert_eq!(printed["worker_name"], "sensor-shared");
     assert!(stdout.contains("http://127.0.0.1:50099"), "{stdout}");
 }
+
+/// An unusable state directory fails with its cause printed once.
+#[test]
+fn state_dir_error_names_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "").unwrap();
+    let state_dir = blocker.join("state").display().to_string();
+    let env = HashMap::from([("PATH".to_string(), OsString::from("/nonexistent"))]);
+    let url = format!("http://127.0.0.1:{}", common::free_port());
+    let args = [
+        "run",
+        "--runtimes",
+        "shell",
+        "--registry-url",
+        &url,
+        "--state-dir",
+        &state_dir,
+    ];
+
+    let (status, _, stderr) = run_agent_command(&env, &args);
+
+    assert!(
+        !status.success(),
+        "agent started with an unusable state directory: {stderr}"
+    );
+    assert!(stderr.contains("--state-dir"), "{stderr}");
+    assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
+}
