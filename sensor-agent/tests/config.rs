@@ -335,3 +335,18 @@ fn state_dir_error_names_cause_once() {
     assert!(stderr.contains("--state-dir"), "{stderr}");
     assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
 }
+
+/// Text logs written to a pipe contain no ANSI colour codes.
+#[test]
+fn piped_logs_have_no_colour() {
+    let env = HashMap::from([
+        ("PATH".to_string(), OsString::from("/nonexistent")),
+        ("ATTUNE_SENSOR_RUNTIMES".to_string(), OsString::from("python")),
+    ]);
+
+    let (status, _, stderr) = run_agent_command(&env, &["detect", "--log-format", "text"]);
+
+    assert!(status.success(), "detect failed with {status}: {stderr}");
+    assert!(stderr.contains("WARN"), "no warning logged: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "escape code in: {stderr:?}");
+}
