@@ -26,7 +26,7 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, Settings};
+use crate::config::{ConfigWarning, LogFormat, Settings};
 
 /// Returns the system host name, or `localhost` when it cannot be read.
 pub fn system_hostname() -> String {
@@ -58,6 +58,19 @@ pub fn init_logging(format: LogFormat) {
 /// convention.
 fn use_ansi(is_terminal: bool, no_color: Option<OsString>) -> bool {
     is_terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+/// Logs the warnings that resolving the configuration collected.
+pub fn log_config_warnings(settings: &Settings) {
+    for warning in &settings.warnings {
+        match warning {
+            ConfigWarning::RegistryUrlIgnored { url, urls } => tracing::warn!(
+                registry_url = %url,
+                registry_urls = ?urls,
+                "registry.url and registry.urls are both set; using registry.urls and ignoring registry.url"
+            ),
+        }
+    }
 }
 
 /// Detects runtimes and combines them with the configured list, logging

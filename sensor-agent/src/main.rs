@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     };
 
     sensor_agent::init_logging(settings.log_format);
+    sensor_agent::log_config_warnings(&settings);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,

@@ -350,3 +350,35 @@ fn piped_logs_have_no_colour() {
     assert!(stderr.contains("WARN"), "no warning logged: {stderr}");
     assert!(!stderr.contains('\u{1b}'), "escape code in: {stderr:?}");
 }
+
+/// With both `registry.url` and `registry.urls` set, the agent uses
+/// `registry.urls` and logs a warning that names both keys.
+#[test]
+fn url_and_urls_warn_at_start() {
+    let env = HashMap::from([
+        ("PATH".to_string(), OsString::from("/nonexistent")),
+        (
+            "ATTUNE__REGISTRY__URL".to_string(),
+            OsString::from("http://127.0.0.1:50051"),
+        ),
+        (
+            "ATTUNE__REGISTRY__URLS".to_string(),
+            OsString::from("http://127.0.0.1:50052"),
+        ),
+    ]);
+
+    let (status, stdout, stderr) = run_agent_command(&env, &["print-config", "--log-format", "json"]);
+
+    assert!(status.success(), "print-config failed with {status}: {stderr}");
+    let settings: Json = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(settings["registry_urls"], serde_json::json!(["http://127.0.0.1:50052"]));
+    let warning = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Json>(line).ok())
+        .find(|entry| entry["level"] == "WARN")
+        .unwrap_or_else(|| panic!("no warning in: {stderr}"));
+    let message = warning["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("registry.url "), "{message}");
+    assert!(message.contains("using registry.urls"), "{message}");
+    assert_eq!(warning["fields"]["registry_url"], "http://127.0.0.1:50051");
+}
