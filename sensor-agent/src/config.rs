@@ -243,6 +243,8 @@ pub struct Overrides {
 }
 
 /// Effective agent settings after every layer is applied and validated.
+/// Serializing leaves out the runtimes and the state directory, which
+/// `print-config` prints in their resolved form.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     /// Unique worker name.
@@ -250,8 +252,10 @@ pub struct Settings {
     /// Host name reported to the registry.
     pub host: String,
     /// Configured runtime names, normalized; `None` means detection decides.
+    #[serde(skip)]
     pub runtimes: Option<Vec<String>>,
     /// Source of `runtimes`.
+    #[serde(skip)]
     pub runtimes_source: RuntimesSource,
     /// Number of sensors this agent can run at once.
     pub max_concurrent_sensors: u32,
@@ -275,6 +279,7 @@ pub struct Settings {
     #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
     /// Directory for the instance id file; `None` picks a default.
+    #[serde(skip)]
     pub state_dir: Option<PathBuf>,
     /// Log output format.
     pub log_format: LogFormat,

@@ -23,10 +23,13 @@ pub mod state;
 
 use std::ffi::OsString;
 use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use serde::Serialize;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{ConfigWarning, LogFormat, Settings};
+use crate::config::{ConfigWarning, LogFormat, RuntimesSource, Settings};
 
 /// Returns the system host name, or `localhost` when it cannot be read.
 pub fn system_hostname() -> String {
@@ -58,6 +61,62 @@ pub fn init_logging(format: LogFormat) {
 /// convention.
 fn use_ansi(is_terminal: bool, no_color: Option<OsString>) -> bool {
     is_terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+/// Effective configuration as `print-config` prints it: the settings, plus
+/// the runtime list with its source and the state directory in use.
+#[derive(Debug, Serialize)]
+pub struct EffectiveConfig<'a> {
+    #[serde(flatten)]
+    settings: &'a Settings,
+    runtimes: RuntimesConfig<'a>,
+    state_dir: StateDirConfig,
+}
+
+/// Runtime list to register, or only its source when detection decides.
+#[derive(Debug, Serialize)]
+struct RuntimesConfig<'a> {
+    source: RuntimesSource,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    names: Option<&'a [String]>,
+}
+
+/// State directory the agent would keep its instance id in.
+#[derive(Debug, Serialize)]
+struct StateDirConfig {
+    /// `None` when no default directory is usable.
+    path: Option<PathBuf>,
+    /// `configured` or `default`.
+    source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<&'static str>,
+}
+
+impl<'a> EffectiveConfig<'a> {
+    /// Resolves the state directory without creating anything.
+    pub fn new(settings: &'a Settings) -> EffectiveConfig<'a> {
+        let runtimes = RuntimesConfig {
+            source: settings.runtimes_source,
+            names: settings.runtimes.as_deref(),
+        };
+        let path = state::effective_dir(settings.state_dir.as_deref());
+        let state_dir = StateDirConfig {
+            note: path
+                .is_none()
+                .then_some("no writable state directory; the instance id lasts for one run only"),
+            path,
+            source: if settings.state_dir.is_some() {
+                "configured"
+            } else {
+                "default"
+            },
+        };
+        EffectiveConfig {
+            settings,
+            runtimes,
+            state_dir,
+        }
+    }
 }
 
 /// Logs the warnings that resolving the configuration collected.

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             let report = runtime.block_on(sensor_agent::detect_runtimes(&settings));
             print_report(&report, json)
         }
-        Command::PrintConfig => print_json(&settings),
+        Command::PrintConfig => print_json(&sensor_agent::EffectiveConfig::new(&settings)),
     }
 }
 

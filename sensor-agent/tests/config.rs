@@ -185,6 +185,26 @@ fn precedence_table() {
             "case {:?}: interval",
             case.label
         );
+        assert_eq!(
+            settings["runtimes"]["source"], case.source,
+            "case {:?}: printed runtimes source",
+            case.label
+        );
+        if case.source == "detection" {
+            assert_eq!(
+                settings["runtimes"].get("names"),
+                None,
+                "case {:?}: printed runtimes",
+                case.label
+            );
+        } else {
+            assert_eq!(
+                settings["runtimes"]["names"],
+                serde_json::json!(case.runtimes),
+                "case {:?}: printed runtimes",
+                case.label
+            );
+        }
     }
 }
 
@@ -381,4 +401,35 @@ fn url_and_urls_warn_at_start() {
     assert!(message.contains("registry.url "), "{message}");
     assert!(message.contains("using registry.urls"), "{message}");
     assert_eq!(warning["fields"]["registry_url"], "http://127.0.0.1:50051");
+}
+
+/// `print-config` prints the state directory the agent would use: the
+/// configured one, else the first usable default, and creates neither.
+#[test]
+fn print_config_shows_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let systemd_dir = dir.path().join("systemd-state");
+    let flag_dir = dir.path().join("flag-state");
+    let env = HashMap::from([
+        ("PATH".to_string(), OsString::from("/nonexistent")),
+        ("STATE_DIRECTORY".to_string(), systemd_dir.as_os_str().to_owned()),
+    ]);
+    let flag_text = flag_dir.display().to_string();
+
+    let (status, stdout, stderr) = run_agent_command(&env, &["print-config"]);
+    let (flag_status, flag_stdout, flag_stderr) = run_agent_command(&env, &["print-config", "--state-dir", &flag_text]);
+
+    assert!(status.success(), "print-config failed with {status}: {stderr}");
+    let printed: Json = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(printed["state_dir"]["path"], systemd_dir.display().to_string());
+    assert_eq!(printed["state_dir"]["source"], "default");
+    assert!(
+        flag_status.success(),
+        "print-config failed with {flag_status}: {flag_stderr}"
+    );
+    let flag_printed: Json = serde_json::from_str(&flag_stdout).unwrap();
+    assert_eq!(flag_printed["state_dir"]["path"], flag_text.as_str());
+    assert_eq!(flag_printed["state_dir"]["source"], "configured");
+    assert!(!systemd_dir.exists(), "print-config created {}", systemd_dir.display());
+    assert!(!flag_dir.exists(), "print-config created {}", flag_dir.display());
 }
