@@ -56,7 +56,7 @@ const ALWAYS_LOGGED_ATTEMPTS: u32 = 3;
 /// Retry count step between warn lines after the first few retries.
 const WARN_EVERY_ATTEMPTS: u32 = 10;
 
-/// Longest time between two warn lines while retries go on.
+/// Maximum time between two warn lines while retries continue.
 const WARN_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
 
 /// Errors that stop the agent with a non-zero exit status.
