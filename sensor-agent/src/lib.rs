@@ -26,7 +26,6 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use serde::Serialize;
-
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{ConfigWarning, LogFormat, RuntimesSource, Settings};
@@ -188,7 +187,7 @@ mod tests {
 
     /// Colour codes appear only on a terminal without a non-empty `NO_COLOR`.
     #[test]
-    fn ansi_needs_terminal_and_no_no_color() {
+    fn ansi_follows_terminal_and_no_color() {
         assert!(use_ansi(true, None));
         assert!(use_ansi(true, Some(OsString::new())));
         assert!(!use_ansi(true, Some(OsString::from("1"))));
