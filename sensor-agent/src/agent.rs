@@ -48,9 +48,16 @@ const RESPONSE_DEADLINE_INTERVALS: u32 = 2;
 const MIN_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Retries up to this count are logged at warn level. Later ones are
-/// logged at warn only when the count is a power of two, so a long outage
-/// logs one line per doubling of its length instead of one per retry.
+/// logged at warn only every `WARN_EVERY_ATTEMPTS` retries or when
+/// `WARN_AT_LEAST_EVERY` has passed since the last warn line, so a long
+/// outage stays visible without one line per retry.
 const ALWAYS_LOGGED_ATTEMPTS: u32 = 3;
+
+/// Retry count step between warn lines after the first few retries.
+const WARN_EVERY_ATTEMPTS: u32 = 10;
+
+/// Maximum time between two warn lines while retries continue.
+const WARN_AT_LEAST_EVERY: Duration = Duration::from_secs(60);
 
 /// Errors that stop the agent with a non-zero exit status.
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +100,14 @@ impl fmt::Debug for Session {
 /// Cause of one failed attempt to reach the registry.
 #[derive(Debug)]
 enum Failure {
-    /// No connection could be opened.
-    Connect(tonic::transport::Error),
+    /// No connection could be opened to the registry at `url`.
+    Connect {
+        /// The address that failed, which is no longer the current one
+        /// after a fail-over.
+        url: String,
+        /// The transport error.
+        error: tonic::transport::Error,
+    },
     /// The registry or the transport returned a status.
     Status(Status),
     /// No heartbeat response arrived in time.
@@ -106,13 +119,7 @@ enum Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Connect(error) => {
-                write!(f, "connection failed: {error}")?;
-                if let Some(source) = std::error::Error::source(error) {
-                    write!(f, ": {source}")?;
-                }
-                Ok(())
-            }
+            Failure::Connect { error, .. } => write!(f, "connection failed: {}", error_chain(error)),
             Failure::Status(status) => write!(f, "{:?}: {}", status.code(), status.message()),
             Failure::Timeout(after) => write!(f, "no response within {}", humantime::format_duration(*after)),
             Failure::Closed => f.write_str("stream closed by the registry"),
@@ -147,6 +154,10 @@ pub struct Agent {
     backoff: Backoff,
     backoff_cap: Duration,
     shutdown: Shutdown,
+    /// When the heartbeat stream was lost, until a heartbeat succeeds again.
+    stream_lost_at: Option<Instant>,
+    /// Time of the last retry logged at warn level.
+    last_retry_warning: Option<Instant>,
 }
 
 impl Agent {
@@ -189,6 +200,8 @@ impl Agent {
             backoff: Backoff::new(settings.backoff_base, settings.backoff_cap),
             backoff_cap: settings.backoff_cap,
             shutdown,
+            stream_lost_at: None,
+            last_retry_warning: None,
         };
         Ok(agent)
     }
@@ -309,10 +322,16 @@ impl Agent {
     async fn keep_alive(&mut self, session: &mut Session) -> LeaseEnd {
         loop {
             let failure = match self.heartbeat_stream(session).await {
-                Ok(end) => return end,
+                Ok(end) => {
+                    // Registering again logs its own line, so a loss that
+                    // ends this way is not reported as restored.
+                    self.stream_lost_at = None;
+                    return end;
+                }
                 Err(failure) => failure,
             };
 
+            self.stream_lost_at.get_or_insert_with(Instant::now);
             let delay = self.backoff.next_delay();
             self.log_retry("heartbeat stream lost; reconnecting", &failure, delay);
             if self.sleep_or_stop(delay).await {
@@ -370,10 +389,27 @@ impl Agent {
                 }
             }
 
+            // The stream is read while waiting, so that a stream the
+            // registry ends or fails, as it does on shutdown, is noticed at
+            // once instead of at the next send.
             let next_send = sent_at + session.interval;
-            tokio::select! {
-                _ = stop.requested() => return Ok(LeaseEnd::Stop),
-                _ = tokio::time::sleep_until(next_send) => {}
+            loop {
+                let unrequested = tokio::select! {
+                    _ = stop.requested() => return Ok(LeaseEnd::Stop),
+                    _ = tokio::time::sleep_until(next_send) => break,
+                    message = responses.message() => message,
+                };
+                match unrequested {
+                    Ok(Some(_)) => tracing::debug!(
+                        worker_id = session.worker_id,
+                        "ignored a heartbeat response while no request was pending"
+                    ),
+                    Ok(None) => {
+                        self.client = None;
+                        return Err(Failure::Closed);
+                    }
+                    Err(status) => return self.classify(status),
+                }
             }
 
             sent_at = Instant::now();
@@ -385,6 +421,15 @@ impl Agent {
     }
 
     fn accept_heartbeat(&mut self, session: &mut Session, response: &proto::HeartbeatResponse) {
+        if let Some(lost_at) = self.stream_lost_at.take() {
+            tracing::info!(
+                worker_id = session.worker_id,
+                registry = %self.endpoints[self.current].0,
+                attempts = self.backoff.attempt(),
+                downtime = %humantime::format_duration(round_to_millis(lost_at.elapsed())),
+                "heartbeat stream restored"
+            );
+        }
         self.backoff.reset();
 
         let granted = response.heartbeat_interval.and_then(positive_duration);
@@ -453,8 +498,9 @@ impl Agent {
                 Ok(client)
             }
             Err(error) => {
+                let url = url.clone();
                 self.fail_over();
-                Err(Failure::Connect(error))
+                Err(Failure::Connect { url, error })
             }
         }
     }
@@ -495,12 +541,19 @@ impl Agent {
         Failure::Status(status)
     }
 
-    fn log_retry(&self, message: &'static str, failure: &Failure, delay: Duration) {
+    /// Logs one retry, at warn level as `is_logged_at_warn` decides and at
+    /// debug level otherwise. The registry named is the one that failed.
+    fn log_retry(&mut self, message: &'static str, failure: &Failure, delay: Duration) {
         let attempt = self.backoff.attempt();
-        let registry = &self.endpoints[self.current].0;
+        let registry = match failure {
+            Failure::Connect { url, .. } => url.as_str(),
+            _ => self.endpoints[self.current].0.as_str(),
+        };
         let retry_in = humantime::format_duration(round_to_millis(delay));
-        if is_logged_at_warn(attempt) {
+        let since_warning = self.last_retry_warning.map(|at| at.elapsed());
+        if is_logged_at_warn(attempt, since_warning) {
             tracing::warn!(attempt, reason = %failure, %retry_in, %registry, "{message}");
+            self.last_retry_warning = Some(Instant::now());
         } else {
             tracing::debug!(attempt, reason = %failure, %retry_in, %registry, "{message}");
         }
@@ -516,9 +569,30 @@ impl Agent {
     }
 }
 
-/// Tells whether retry number `attempt` is logged at warn level rather than debug.
-fn is_logged_at_warn(attempt: u32) -> bool {
-    attempt <= ALWAYS_LOGGED_ATTEMPTS || attempt.is_power_of_two()
+/// Tells whether retry number `attempt` is logged at warn level rather than
+/// debug. `since_warning` is the time since the last warn line, if any.
+fn is_logged_at_warn(attempt: u32, since_warning: Option<Duration>) -> bool {
+    attempt <= ALWAYS_LOGGED_ATTEMPTS
+        || attempt % WARN_EVERY_ATTEMPTS == 0
+        || since_warning.is_none_or(|elapsed| elapsed >= WARN_AT_LEAST_EVERY)
+}
+
+/// Formats an error followed by each cause in its `source()` chain. A
+/// cause whose text the previous message already contains is skipped.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut previous = text.clone();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !previous.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        previous = cause_text;
+        source = cause.source();
+    }
+    text
 }
 
 fn build_registration(settings: &Settings, runtimes: &[Runtime], instance_id: &str) -> RegisterRequest {
@@ -593,11 +667,42 @@ mod tests {
         assert_eq!(request.heartbeat_interval.unwrap().seconds, 30);
     }
 
+    /// After three retries only every tenth is logged at warn, while warn
+    /// lines come less than a minute apart.
     #[test]
     fn retry_logs_thin_out() {
-        let warned: Vec<u32> = (1..=40).filter(|attempt| is_logged_at_warn(*attempt)).collect();
+        let recent = Some(Duration::from_secs(5));
 
-        assert_eq!(warned, [1, 2, 3, 4, 8, 16, 32]);
+        let warned: Vec<u32> = (1..=40).filter(|attempt| is_logged_at_warn(*attempt, recent)).collect();
+
+        assert_eq!(warned, [1, 2, 3, 10, 20, 30, 40]);
+    }
+
+    /// A retry is logged at warn when the last warn line is a minute old,
+    /// so that a long outage with slow retries stays visible.
+    #[test]
+    fn retry_logs_at_least_once_a_minute() {
+        assert!(is_logged_at_warn(17, Some(WARN_AT_LEAST_EVERY)));
+        assert!(is_logged_at_warn(17, None));
+        assert!(!is_logged_at_warn(17, Some(Duration::from_secs(59))));
+    }
+
+    /// Every cause of a chain is printed once, even when a message repeats
+    /// the text of its cause.
+    #[test]
+    fn error_chain_lists_causes_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("tcp connect error")]
+        struct Connect(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error: {0}")]
+        struct Transport(#[source] Connect);
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let refused_text = refused.to_string();
+
+        let text = error_chain(&Transport(Connect(refused)));
+
+        assert_eq!(text, format!("transport error: tcp connect error: {refused_text}"));
     }
 
     #[test]

@@ -34,7 +34,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Prints the effective configuration as JSON, then exits.
+    /// Prints the effective configuration as JSON, then exits. Runtimes left
+    /// to detection are listed by `detect`.
     PrintConfig,
 }
 

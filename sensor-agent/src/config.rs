@@ -199,6 +199,20 @@ impl RuntimesSource {
     }
 }
 
+/// Configuration that is valid but probably not what was meant, logged as
+/// a warning once logging has started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigWarning {
+    /// Both `registry.url` and `registry.urls` are set, so `registry.url`
+    /// is ignored.
+    RegistryUrlIgnored {
+        /// Value of `registry.url`.
+        url: String,
+        /// Value of `registry.urls`, which is used.
+        urls: Vec<String>,
+    },
+}
+
 /// Values given on the command line; each one overrides every other layer.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -229,6 +243,8 @@ pub struct Overrides {
 }
 
 /// Effective agent settings after every layer is applied and validated.
+/// Serializing leaves out the runtimes and the state directory, which
+/// `print-config` prints in their resolved form.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     /// Unique worker name.
@@ -236,8 +252,10 @@ pub struct Settings {
     /// Host name reported to the registry.
     pub host: String,
     /// Configured runtime names, normalized; `None` means detection decides.
+    #[serde(skip)]
     pub runtimes: Option<Vec<String>>,
     /// Source of `runtimes`.
+    #[serde(skip)]
     pub runtimes_source: RuntimesSource,
     /// Number of sensors this agent can run at once.
     pub max_concurrent_sensors: u32,
@@ -261,9 +279,13 @@ pub struct Settings {
     #[serde(with = "duration_text")]
     pub connect_timeout: Duration,
     /// Directory for the instance id file; `None` picks a default.
+    #[serde(skip)]
     pub state_dir: Option<PathBuf>,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Warnings about the configuration, to log once logging has started.
+    #[serde(skip)]
+    pub warnings: Vec<ConfigWarning>,
 }
 
 /// Serializes durations as humantime strings such as `1s 500ms`, so that
@@ -387,6 +409,19 @@ pub fn resolve(layers: FileSettings, overrides: Overrides, hostname: &str) -> Re
     validation::validate_labels("sensor.labels", &label_map)
         .map_err(|e| invalid("sensor.labels", format!("{}: {}", e.field, e.rule)))?;
 
+    let mut warnings = Vec::new();
+    // Flags replace both keys, so a warning is due only when the two keys
+    // compete with each other.
+    if overrides.registry_urls.is_empty() {
+        if let (Some(url), Some(urls)) = (&registry.url, &registry.urls) {
+            if !urls.is_empty() {
+                warnings.push(ConfigWarning::RegistryUrlIgnored {
+                    url: url.clone(),
+                    urls: urls.clone(),
+                });
+            }
+        }
+    }
     let registry_urls = resolve_registry_urls(overrides.registry_urls, registry.url, registry.urls)?;
 
     let probe_timeout = overrides.probe_timeout.unwrap_or(sensor.probe_timeout);
@@ -426,6 +461,7 @@ pub fn resolve(layers: FileSettings, overrides: Overrides, hostname: &str) -> Re
         connect_timeout: registry.connect_timeout,
         state_dir: overrides.state_dir.or(sensor.state_dir),
         log_format: overrides.log_format.unwrap_or(layers.log.format),
+        warnings,
     };
     Ok(settings)
 }
@@ -653,6 +689,51 @@ mod tests {
         assert_eq!(settings.runtimes, Some(vec!["node".to_string()]));
         assert_eq!(settings.runtimes_source, RuntimesSource::Env);
         assert_eq!(settings.heartbeat_interval, Duration::from_secs(2));
+    }
+
+    /// With both `registry.url` and `registry.urls` set, `registry.urls` is
+    /// used and a warning names both values.
+    #[test]
+    fn url_and_urls_warn() {
+        let layers = load_layers(
+            None,
+            env(&[
+                ("ATTUNE__REGISTRY__URL", "http://127.0.0.1:1"),
+                ("ATTUNE__REGISTRY__URLS", "http://127.0.0.1:2,http://127.0.0.1:3"),
+            ]),
+        )
+        .unwrap();
+
+        let settings = resolve(layers, Overrides::default(), "h").unwrap();
+
+        assert_eq!(settings.registry_urls, vec!["http://127.0.0.1:2", "http://127.0.0.1:3"]);
+        let expected = ConfigWarning::RegistryUrlIgnored {
+            url: "http://127.0.0.1:1".to_string(),
+            urls: vec!["http://127.0.0.1:2".to_string(), "http://127.0.0.1:3".to_string()],
+        };
+        assert_eq!(settings.warnings, vec![expected]);
+    }
+
+    /// Flags replace both keys, so no warning is raised about them.
+    #[test]
+    fn url_flags_suppress_url_warning() {
+        let layers = load_layers(
+            None,
+            env(&[
+                ("ATTUNE__REGISTRY__URL", "http://127.0.0.1:1"),
+                ("ATTUNE__REGISTRY__URLS", "http://127.0.0.1:2"),
+            ]),
+        )
+        .unwrap();
+        let overrides = Overrides {
+            registry_urls: vec!["http://127.0.0.1:4".to_string()],
+            ..Overrides::default()
+        };
+
+        let settings = resolve(layers, overrides, "h").unwrap();
+
+        assert_eq!(settings.registry_urls, vec!["http://127.0.0.1:4"]);
+        assert!(settings.warnings.is_empty(), "{:?}", settings.warnings);
     }
 
     #[test]

@@ -21,9 +21,14 @@ pub mod probe;
 pub mod shutdown;
 pub mod state;
 
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use serde::Serialize;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, Settings};
+use crate::config::{ConfigWarning, LogFormat, RuntimesSource, Settings};
 
 /// Returns the system host name, or `localhost` when it cannot be read.
 pub fn system_hostname() -> String {
@@ -35,15 +40,94 @@ pub fn system_hostname() -> String {
 }
 
 /// Starts logging to stderr in the configured format. `RUST_LOG` sets the
-/// filter and defaults to `info`.
+/// filter and defaults to `info`. Text logs are coloured only when stderr
+/// is a terminal and `NO_COLOR` is unset or empty.
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = use_ansi(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Tells whether log lines may contain ANSI colour codes. Any non-empty
+/// `NO_COLOR` value turns them off, following the common `NO_COLOR`
+/// convention.
+fn use_ansi(is_terminal: bool, no_color: Option<OsString>) -> bool {
+    is_terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+/// Effective configuration as `print-config` prints it: the settings, plus
+/// the runtime list with its source and the state directory in use.
+#[derive(Debug, Serialize)]
+pub struct EffectiveConfig<'a> {
+    #[serde(flatten)]
+    settings: &'a Settings,
+    runtimes: RuntimesConfig<'a>,
+    state_dir: StateDirConfig,
+}
+
+/// Runtime list to register, or only its source when detection decides.
+#[derive(Debug, Serialize)]
+struct RuntimesConfig<'a> {
+    source: RuntimesSource,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    names: Option<&'a [String]>,
+}
+
+/// State directory the agent would keep its instance id in.
+#[derive(Debug, Serialize)]
+struct StateDirConfig {
+    /// `None` when no default directory is usable.
+    path: Option<PathBuf>,
+    /// `configured` or `default`.
+    source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<&'static str>,
+}
+
+impl<'a> EffectiveConfig<'a> {
+    /// Resolves the state directory without creating anything.
+    pub fn new(settings: &'a Settings) -> EffectiveConfig<'a> {
+        let runtimes = RuntimesConfig {
+            source: settings.runtimes_source,
+            names: settings.runtimes.as_deref(),
+        };
+        let path = state::effective_dir(settings.state_dir.as_deref());
+        let state_dir = StateDirConfig {
+            note: path
+                .is_none()
+                .then_some("no writable state directory; the instance id lasts for one run only"),
+            path,
+            source: if settings.state_dir.is_some() {
+                "configured"
+            } else {
+                "default"
+            },
+        };
+        EffectiveConfig {
+            settings,
+            runtimes,
+            state_dir,
+        }
+    }
+}
+
+/// Logs the warnings that resolving the configuration collected.
+pub fn log_config_warnings(settings: &Settings) {
+    for warning in &settings.warnings {
+        match warning {
+            ConfigWarning::RegistryUrlIgnored { url, urls } => tracing::warn!(
+                registry_url = %url,
+                registry_urls = ?urls,
+                "registry.url and registry.urls are both set; using registry.urls and ignoring registry.url"
+            ),
+        }
     }
 }
 
@@ -95,4 +179,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Colour codes appear only on a terminal without a non-empty `NO_COLOR`.
+    #[test]
+    fn ansi_follows_terminal_and_no_color() {
+        assert!(use_ansi(true, None));
+        assert!(use_ansi(true, Some(OsString::new())));
+        assert!(!use_ansi(true, Some(OsString::from("1"))));
+        assert!(!use_ansi(false, None));
+    }
 }

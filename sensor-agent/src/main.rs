@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     };
 
     sensor_agent::init_logging(settings.log_format);
+    sensor_agent::log_config_warnings(&settings);
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -47,7 +48,7 @@ fn main() -> ExitCode {
             let report = runtime.block_on(sensor_agent::detect_runtimes(&settings));
             print_report(&report, json)
         }
-        Command::PrintConfig => print_json(&settings),
+        Command::PrintConfig => print_json(&sensor_agent::EffectiveConfig::new(&settings)),
     }
 }
 

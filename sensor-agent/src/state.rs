@@ -6,8 +6,10 @@
 //! without waiting for its old lease to expire. The id lives in the file
 //! `instance_id` inside the state directory.
 
+use std::ffi::CString;
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use worker_registry::validation::MAX_INSTANCE_ID_LEN;
@@ -30,13 +32,13 @@ pub struct InstanceId {
 
 /// A state directory that cannot hold the instance id.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot keep the instance id in {path}: {source}; make the directory writable or set --state-dir")]
+#[error("cannot keep the instance id in {path}: {error}; make the directory writable or set --state-dir")]
 pub struct StateError {
     /// File or directory that failed.
     pub path: PathBuf,
-    /// The underlying error.
-    #[source]
-    pub source: io::Error,
+    /// The underlying error. The message already contains it, so it is not
+    /// also returned by `source()`, which would print it twice in a chain.
+    pub error: io::Error,
 }
 
 /// Loads the instance id from `configured_dir`, creating the directory and
@@ -70,6 +72,59 @@ pub fn load_or_create(configured_dir: Option<&Path>) -> Result<InstanceId, State
     Ok(instance)
 }
 
+/// Returns the state directory `load_or_create` would use, without
+/// creating or writing anything: the configured one, else the first
+/// default directory that contains a valid id or could be created and
+/// written. Returns `None` when no default directory is usable.
+///
+/// NOTE: writability comes from access(2), which can accept a directory
+/// where creating fails (a full disk, or `/proc` for root), so the agent may
+/// still fall back to a later directory.
+pub fn effective_dir(configured_dir: Option<&Path>) -> Option<PathBuf> {
+    match configured_dir {
+        Some(dir) => Some(dir.to_path_buf()),
+        None => first_usable_dir(default_dirs()),
+    }
+}
+
+fn first_usable_dir(dirs: Vec<PathBuf>) -> Option<PathBuf> {
+    dirs.into_iter().find(|dir| is_usable_dir(dir))
+}
+
+/// Tells whether `load_or_create_in` would succeed in `dir`, following the
+/// same steps without writing.
+fn is_usable_dir(dir: &Path) -> bool {
+    match fs::read_to_string(dir.join(INSTANCE_ID_FILE)) {
+        Ok(text) if is_valid_id(text.trim()) => true,
+        Ok(_) => is_writable_dir(dir),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => can_create_in(dir),
+        Err(_) => false,
+    }
+}
+
+/// Tells whether `dir`, or the nearest existing directory above it that
+/// `create_dir_all` would create it in, is writable.
+fn can_create_in(dir: &Path) -> bool {
+    match dir.ancestors().find(|ancestor| ancestor.exists()) {
+        Some(existing) => is_writable_dir(existing),
+        None => false,
+    }
+}
+
+/// Tells whether the process may create files in `dir`. access(2) decides,
+/// so root, ACLs and read-only mounts count as they would for a write.
+fn is_writable_dir(dir: &Path) -> bool {
+    if !dir.is_dir() {
+        return false;
+    }
+    let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `path` is a NUL-terminated string that outlives the call, and
+    // access(2) only reads it.
+    unsafe { nix::libc::access(path.as_ptr(), nix::libc::W_OK | nix::libc::X_OK) == 0 }
+}
+
 fn default_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
 
@@ -94,7 +149,7 @@ fn load_or_create_in(dir: &Path) -> Result<InstanceId, StateError> {
     let file = dir.join(INSTANCE_ID_FILE);
     let error_at = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| StateError { path, source }
+        move |error| StateError { path, error }
     };
 
     match fs::read_to_string(&file) {
@@ -178,6 +233,44 @@ mod tests {
         let error = load_or_create(Some(&blocker.join("state"))).unwrap_err();
 
         assert!(error.to_string().contains("--state-dir"), "{error}");
+    }
+
+    /// The preview skips a directory that cannot be created and picks the
+    /// next one, as `load_or_create` does, without creating it.
+    #[test]
+    fn effective_dir_skips_unusable() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        fs::write(&blocker, "").unwrap();
+        let unusable = blocker.join("state");
+        let usable = dir.path().join("nested/state");
+
+        let chosen = first_usable_dir(vec![unusable, usable.clone()]);
+
+        assert_eq!(chosen, Some(usable.clone()));
+        assert!(!usable.exists(), "the preview created {}", usable.display());
+    }
+
+    /// A directory that already contains a valid id is used.
+    #[test]
+    fn effective_dir_takes_existing_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let instance = load_or_create(Some(dir.path())).unwrap();
+        assert!(instance.file.is_some());
+
+        assert_eq!(
+            first_usable_dir(vec![dir.path().to_path_buf()]),
+            Some(dir.path().to_path_buf())
+        );
+        assert_eq!(first_usable_dir(Vec::new()), None);
+    }
+
+    /// A configured directory is used as given, even before it exists.
+    #[test]
+    fn effective_dir_prefers_configured() {
+        let configured = Path::new("/nonexistent/state");
+
+        assert_eq!(effective_dir(Some(configured)), Some(configured.to_path_buf()));
     }
 
     #[test]

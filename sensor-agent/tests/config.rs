@@ -185,6 +185,26 @@ fn precedence_table() {
             "case {:?}: interval",
             case.label
         );
+        assert_eq!(
+            settings["runtimes"]["source"], case.source,
+            "case {:?}: printed runtimes source",
+            case.label
+        );
+        if case.source == "detection" {
+            assert_eq!(
+                settings["runtimes"].get("names"),
+                None,
+                "case {:?}: printed runtimes",
+                case.label
+            );
+        } else {
+            assert_eq!(
+                settings["runtimes"]["names"],
+                serde_json::json!(case.runtimes),
+                "case {:?}: printed runtimes",
+                case.label
+            );
+        }
     }
 }
 
@@ -305,4 +325,111 @@ fn server_keys_are_ignored() {
     let printed: Json = serde_json::from_str(&stdout).unwrap();
     assert_eq!(printed["worker_name"], "sensor-shared");
     assert!(stdout.contains("http://127.0.0.1:50099"), "{stdout}");
+}
+
+/// An unusable state directory fails with its cause printed once.
+#[test]
+fn state_dir_error_names_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "").unwrap();
+    let state_dir = blocker.join("state").display().to_string();
+    let env = HashMap::from([("PATH".to_string(), OsString::from("/nonexistent"))]);
+    let url = format!("http://127.0.0.1:{}", common::free_port());
+    let args = [
+        "run",
+        "--runtimes",
+        "shell",
+        "--registry-url",
+        &url,
+        "--state-dir",
+        &state_dir,
+    ];
+
+    let (status, _, stderr) = run_agent_command(&env, &args);
+
+    assert!(
+        !status.success(),
+        "agent started with an unusable state directory: {stderr}"
+    );
+    assert!(stderr.contains("--state-dir"), "{stderr}");
+    assert_eq!(stderr.matches("os error").count(), 1, "{stderr}");
+}
+
+/// Text logs written to a pipe contain no ANSI colour codes.
+#[test]
+fn piped_logs_have_no_colour() {
+    let env = HashMap::from([
+        ("PATH".to_string(), OsString::from("/nonexistent")),
+        ("ATTUNE_SENSOR_RUNTIMES".to_string(), OsString::from("python")),
+    ]);
+
+    let (status, _, stderr) = run_agent_command(&env, &["detect", "--log-format", "text"]);
+
+    assert!(status.success(), "detect failed with {status}: {stderr}");
+    assert!(stderr.contains("WARN"), "no warning logged: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "escape code in: {stderr:?}");
+}
+
+/// With both `registry.url` and `registry.urls` set, the agent uses
+/// `registry.urls` and logs a warning that names both keys.
+#[test]
+fn url_and_urls_warn_at_start() {
+    let env = HashMap::from([
+        ("PATH".to_string(), OsString::from("/nonexistent")),
+        (
+            "ATTUNE__REGISTRY__URL".to_string(),
+            OsString::from("http://127.0.0.1:50051"),
+        ),
+        (
+            "ATTUNE__REGISTRY__URLS".to_string(),
+            OsString::from("http://127.0.0.1:50052"),
+        ),
+    ]);
+
+    let (status, stdout, stderr) = run_agent_command(&env, &["print-config", "--log-format", "json"]);
+
+    assert!(status.success(), "print-config failed with {status}: {stderr}");
+    let settings: Json = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(settings["registry_urls"], serde_json::json!(["http://127.0.0.1:50052"]));
+    let warning = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Json>(line).ok())
+        .find(|entry| entry["level"] == "WARN")
+        .unwrap_or_else(|| panic!("no warning in: {stderr}"));
+    let message = warning["fields"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("registry.url "), "{message}");
+    assert!(message.contains("using registry.urls"), "{message}");
+    assert_eq!(warning["fields"]["registry_url"], "http://127.0.0.1:50051");
+}
+
+/// `print-config` prints the state directory the agent would use: the
+/// configured one, else the first usable default, and creates neither.
+#[test]
+fn print_config_shows_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let systemd_dir = dir.path().join("systemd-state");
+    let flag_dir = dir.path().join("flag-state");
+    let env = HashMap::from([
+        ("PATH".to_string(), OsString::from("/nonexistent")),
+        ("STATE_DIRECTORY".to_string(), systemd_dir.as_os_str().to_owned()),
+    ]);
+    let flag_text = flag_dir.display().to_string();
+
+    let (status, stdout, stderr) = run_agent_command(&env, &["print-config"]);
+    let (flag_status, flag_stdout, flag_stderr) = run_agent_command(&env, &["print-config", "--state-dir", &flag_text]);
+
+    assert!(status.success(), "print-config failed with {status}: {stderr}");
+    let printed: Json = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(printed["state_dir"]["path"], systemd_dir.display().to_string());
+    assert_eq!(printed["state_dir"]["source"], "default");
+    assert!(
+        flag_status.success(),
+        "print-config failed with {flag_status}: {flag_stderr}"
+    );
+    let flag_printed: Json = serde_json::from_str(&flag_stdout).unwrap();
+    assert_eq!(flag_printed["state_dir"]["path"], flag_text.as_str());
+    assert_eq!(flag_printed["state_dir"]["source"], "configured");
+    assert!(!systemd_dir.exists(), "print-config created {}", systemd_dir.display());
+    assert!(!flag_dir.exists(), "print-config created {}", flag_dir.display());
 }

@@ -386,7 +386,8 @@ async fn other_instance_waits_for_lease() {
     assert_eq!(registered.unwrap()["fields"]["worker_id"], first.id);
 }
 
-/// With an unreachable first address, the agent fails over to the second.
+/// With an unreachable first address, the agent fails over to the second,
+/// and the retry log names the address that refused and the cause.
 #[tokio::test(flavor = "multi_thread")]
 async fn fails_over_to_next_url() {
     let dir = tempfile::tempdir().unwrap();
@@ -394,7 +395,7 @@ async fn fails_over_to_next_url() {
     let dead_url = format!("http://127.0.0.1:{}", free_port());
     let agent = start_agent(&agent_options(
         "sensor-failover",
-        vec![dead_url, server.url()],
+        vec![dead_url.clone(), server.url()],
         dir.path(),
     ));
 
@@ -410,6 +411,76 @@ async fn fails_over_to_next_url() {
         .wait_for("registered", Duration::from_secs(1))
         .expect("registered log");
     assert_eq!(registered["fields"]["registry"], server.url().as_str());
+    let retry = agent
+        .logs
+        .wait_for("registration failed; retrying", Duration::from_secs(1))
+        .unwrap_or_else(|| panic!("no retry log; logs:\n{}", agent_logs(&agent)));
+    assert_eq!(retry["fields"]["registry"], dead_url.as_str());
+    let reason = retry["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("Connection refused"), "reason: {reason}");
+}
+
+/// A registry that shuts down ends the heartbeat stream, and the agent
+/// notices it at once instead of at its next heartbeat 20 s later. After a
+/// restart on the same port and database, the agent logs the restored
+/// stream for the same worker.
+#[tokio::test(flavor = "multi_thread")]
+async fn server_shutdown_is_noticed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("registry.db");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut server = Server::start(&database, &listen);
+    let mut options = agent_options("sensor-shutdown", vec![server.url()], dir.path());
+    options.heartbeat_interval = "20s";
+    let agent = start_agent(&options);
+    let worker = wait_active(&server.url(), "sensor-shutdown", LONG_WAIT)
+        .await
+        .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
+    agent
+        .logs
+        .wait_for("heartbeat acknowledged", LONG_WAIT)
+        .unwrap_or_else(|| panic!("no heartbeat acknowledged; logs:\n{}", agent_logs(&agent)));
+
+    server.process.signal(Signal::SIGTERM);
+    let stopped_at = Instant::now();
+    let lost = agent.logs.wait_for("heartbeat stream lost; reconnecting", LONG_WAIT);
+    let elapsed = stopped_at.elapsed();
+
+    let lost = lost.unwrap_or_else(|| panic!("stream loss not noticed; logs:\n{}", agent_logs(&agent)));
+    // Far below the 20 s interval, with room for a loaded machine.
+    assert!(
+        elapsed < 2 * SLACK,
+        "noticed after {elapsed:?}; logs:\n{}",
+        agent_logs(&agent)
+    );
+    let reason = lost["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("Unavailable"), "reason: {reason}");
+
+    server.process.wait_exit(LONG_WAIT).unwrap_or_else(|| {
+        panic!(
+            "server still running after SIGTERM; logs:\n{}",
+            server.process.logs.dump()
+        )
+    });
+    let server = Server::start(&database, &listen);
+    let restored = agent
+        .logs
+        .wait_for("heartbeat stream restored", BACKOFF_CAP + 2 * SLACK)
+        .unwrap_or_else(|| panic!("no restored log; logs:\n{}", agent_logs(&agent)));
+
+    assert_eq!(restored["level"], "INFO");
+    assert_eq!(restored["fields"]["worker_id"], worker.id);
+    assert_eq!(restored["fields"]["registry"], server.url().as_str());
+    assert!(
+        restored["fields"]["attempts"].as_u64().is_some_and(|n| n >= 1),
+        "{restored}"
+    );
+    assert!(restored["fields"]["downtime"].is_string(), "{restored}");
+    assert!(
+        agent.logs.with_message("registered").len() == 1,
+        "agent registered again"
+    );
 }
 
 /// A Register by another client with the same instance id supersedes the
