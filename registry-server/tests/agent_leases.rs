@@ -140,14 +140,6 @@ async fn wait_status(
 }
 
 /// Names of the workers the server logged as expired.
-fn expired_names(server: &ServerProcess) -> Vec<String> {
-    server
-        .logs_with_message("worker expired")
-        .iter()
-        .filter_map(|entry| entry["fields"]["name"].as_str().map(str::to_string))
-        .collect()
-}
-
 /// An agent killed with SIGKILL is inactive within TTL + sweep interval +
 /// flush interval of its last heartbeat.
 #[tokio::test]
@@ -246,7 +238,8 @@ async fn frozen_agent_expires_once() {
             "no flapping after the return"
         );
     }
-    let expiries = expired_names(&server)
+    let expiries = server
+        .expired_names()
         .iter()
         .filter(|name| *name == "frozen-agent")
         .count();
@@ -493,7 +486,7 @@ async fn outage_does_not_expire_fleet() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let expired = expired_names(&second);
+    let expired = second.expired_names();
     for index in 0..15 {
         let name = format!("fleet-{index:02}");
         assert!(!expired.contains(&name), "{name} was expired by the restarted registry");

@@ -28,14 +28,6 @@ const FAST_SERVER: [&str; 8] = [
     "100ms",
 ];
 
-fn expired_names(server: &ServerProcess) -> Vec<String> {
-    server
-        .logs_with_message("worker expired")
-        .iter()
-        .filter_map(|entry| entry["fields"]["name"].as_str().map(str::to_string))
-        .collect()
-}
-
 /// A worker registered through one replica is listed by the other, and
 /// heartbeats sent to the second keep alive the lease the first granted.
 #[tokio::test]
@@ -93,8 +85,8 @@ async fn replicas_share_workers_and_leases() {
         );
     }
 
-    assert!(expired_names(&first).is_empty(), "A expired nothing");
-    assert!(expired_names(&second).is_empty(), "B expired nothing");
+    assert!(first.expired_names().is_empty(), "A expired nothing");
+    assert!(second.expired_names().is_empty(), "B expired nothing");
 }
 
 /// Sweepers in both replicas expire each stale worker exactly once and
@@ -152,13 +144,13 @@ async fn replicas_expire_each_worker_once() {
     }
 
     let mut counts: HashMap<String, usize> = HashMap::new();
-    for name in expired_names(&first).into_iter().chain(expired_names(&second)) {
+    for name in first.expired_names().into_iter().chain(second.expired_names()) {
         *counts.entry(name).or_default() += 1;
     }
     println!(
         "replica A expired {}, replica B expired {}",
-        expired_names(&first).len(),
-        expired_names(&second).len()
+        first.expired_names().len(),
+        second.expired_names().len()
     );
     for name in &stale {
         assert_eq!(

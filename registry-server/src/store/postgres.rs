@@ -47,6 +47,27 @@ const WORKER_COLUMNS: &str = r#"
     instance_id, capabilities, last_heartbeat, lease_expires, lease_ttl_ms, heartbeat_interval_ms,
     created, updated"#;
 
+/// Conflict clause of both register upserts, single-row and batch. The
+/// update runs only when the current holder has no live lease at the time
+/// of the new registration (`EXCLUDED.last_heartbeat`), or is the same
+/// instance; otherwise RETURNING yields no row. `$11` is the time since
+/// the server regained its database, in milliseconds.
+const REGISTER_ON_CONFLICT: &str = r#"ON CONFLICT (name) DO UPDATE SET
+                worker_role = EXCLUDED.worker_role,
+                host = EXCLUDED.host,
+                status = 'active',
+                capabilities = EXCLUDED.capabilities,
+                instance_id = EXCLUDED.instance_id,
+                session_token_hash = EXCLUDED.session_token_hash,
+                last_heartbeat = EXCLUDED.last_heartbeat,
+                lease_expires = EXCLUDED.lease_expires,
+                lease_ttl_ms = EXCLUDED.lease_ttl_ms,
+                heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms,
+                updated = EXCLUDED.updated
+            WHERE NOT (w.status IN ('active', 'busy')
+                       AND (w.lease_expires >= EXCLUDED.last_heartbeat OR w.lease_ttl_ms > $11))
+               OR w.instance_id = EXCLUDED.instance_id"#;
+
 /// Store on a PostgreSQL database, shared safely by several registry replicas.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
@@ -110,8 +131,6 @@ impl PostgresStore {
         let lease_ttl_ms = duration_ms(grant.lease_ttl);
         let lease_expires = now + TimeDelta::milliseconds(lease_ttl_ms);
 
-        // The DO UPDATE runs only when the current holder has no live lease
-        // or is the same instance; otherwise RETURNING yields no row.
         let sql = format!(
             r#"
             INSERT INTO worker AS w (
@@ -130,21 +149,7 @@ impl PostgresStore {
                 $9,                        -- lease_ttl_ms
                 $10,                       -- heartbeat_interval_ms
                 $7, $7)
-            ON CONFLICT (name) DO UPDATE SET
-                worker_role = EXCLUDED.worker_role,
-                host = EXCLUDED.host,
-                status = 'active',
-                capabilities = EXCLUDED.capabilities,
-                instance_id = EXCLUDED.instance_id,
-                session_token_hash = EXCLUDED.session_token_hash,
-                last_heartbeat = EXCLUDED.last_heartbeat,
-                lease_expires = EXCLUDED.lease_expires,
-                lease_ttl_ms = EXCLUDED.lease_ttl_ms,
-                heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms,
-                updated = EXCLUDED.updated
-            WHERE NOT (w.status IN ('active', 'busy')
-                       AND (w.lease_expires >= $7 OR w.lease_ttl_ms > $11))  -- $11: since_regained ms
-               OR w.instance_id = EXCLUDED.instance_id
+            {REGISTER_ON_CONFLICT}
             RETURNING {WORKER_COLUMNS}"#
         );
 
@@ -227,21 +232,7 @@ impl PostgresStore {
                 $10::bigint[]       -- heartbeat intervals in ms
             ) AS i(name, role, host, capabilities, instance_id, hash, at, expires, ttl_ms, interval_ms)
             ORDER BY i.name
-            ON CONFLICT (name) DO UPDATE SET
-                worker_role = EXCLUDED.worker_role,
-                host = EXCLUDED.host,
-                status = 'active',
-                capabilities = EXCLUDED.capabilities,
-                instance_id = EXCLUDED.instance_id,
-                session_token_hash = EXCLUDED.session_token_hash,
-                last_heartbeat = EXCLUDED.last_heartbeat,
-                lease_expires = EXCLUDED.lease_expires,
-                lease_ttl_ms = EXCLUDED.lease_ttl_ms,
-                heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms,
-                updated = EXCLUDED.updated
-            WHERE NOT (w.status IN ('active', 'busy')
-                       AND (w.lease_expires >= EXCLUDED.last_heartbeat OR w.lease_ttl_ms > $11))  -- $11: since_regained ms
-               OR w.instance_id = EXCLUDED.instance_id
+            {REGISTER_ON_CONFLICT}
             RETURNING {WORKER_COLUMNS}"#
         );
 

@@ -228,6 +228,14 @@ impl ServerProcess {
         None
     }
 
+    /// Returns the names of the workers this server logged as expired.
+    pub fn expired_names(&self) -> Vec<String> {
+        self.logs_with_message("worker expired")
+            .iter()
+            .filter_map(|entry| entry["fields"]["name"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// Returns the log entries whose message equals `message`.
     pub fn logs_with_message(&self, message: &str) -> Vec<Json> {
         self.logs
