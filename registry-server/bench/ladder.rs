@@ -166,11 +166,11 @@ where
         let start = observer.sample().await?;
 
         sleep(settings.step).await;
-        let window = observer.since(&start).await?;
         let acks = shared.acks.load(Ordering::Relaxed) - acks_before;
         let errors = shared.errors.load(Ordering::Relaxed) - errors_before;
         let skipped = shared.skipped.load(Ordering::Relaxed) - skipped_before;
         let latency = shared.latencies.take();
+        let window = observer.since(&start).await?;
 
         let acks_per_second = acks as f64 / window.seconds;
         let passed = acks_per_second >= 0.95 * rate

@@ -71,6 +71,9 @@ pub fn mebibytes(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+/// Wait for PostgreSQL backends to report their latest commits.
+const STATS_DELAY: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// Reads `pg_stat_database` and the CPU time of one database's backends.
 pub struct PgObserver {
     pool: PgPool,
@@ -167,8 +170,16 @@ impl Observer {
 
     /// Takes a reading now and returns its difference to `start`.
     pub async fn since(&self, start: &Sample) -> anyhow::Result<Window> {
-        let end = self.sample().await?;
+        let mut end = self.sample().await?;
         let seconds = end.at.duration_since(start.at).as_secs_f64();
+
+        // PostgreSQL backends report their commits to pg_stat_database at
+        // most once per second (PGSTAT_MIN_INTERVAL in PostgreSQL 15), so
+        // the commit count is read again 1.5 s later.
+        if let Some(postgres) = &self.postgres {
+            tokio::time::sleep(STATS_DELAY).await;
+            end.commits = Some(postgres.commits().await?);
+        }
 
         let server_cpu = match (start.server_cpu, end.server_cpu) {
             (Some(before), Some(after)) => Some(after - before),
