@@ -2,12 +2,14 @@
 //! registers with, and heartbeat streams.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
 use worker_registry::proto::worker_registry_client::WorkerRegistryClient;
 use worker_registry::proto::{self};
 
@@ -72,6 +74,37 @@ pub fn register_request(prefix: &str, index: usize) -> proto::RegisterRequest {
     }
 }
 
+/// Register calls retried after UNAVAILABLE, over all agents of this process.
+pub static REGISTER_RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// Retries after UNAVAILABLE at most this often per agent, as an agent
+/// would with backoff, before the run fails.
+const MAX_REGISTER_ATTEMPTS: u32 = 8;
+
+/// Registers agent `index`, retrying UNAVAILABLE with exponential backoff
+/// from 100 ms, as `sensor-agent` does when the database is busy.
+async fn register_with_retry(
+    client: &mut WorkerRegistryClient<Channel>,
+    prefix: &str,
+    index: usize,
+) -> anyhow::Result<proto::RegisterResponse> {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=MAX_REGISTER_ATTEMPTS {
+        match client.register(register_request(prefix, index)).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == Code::Unavailable && attempt < MAX_REGISTER_ATTEMPTS => {
+                REGISTER_RETRIES.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(status) => {
+                anyhow::bail!("Register of agent {index} failed after {attempt} attempts: {status}")
+            }
+        }
+    }
+    unreachable!("the last attempt returns or fails")
+}
+
 /// Connects agent `index`, registers it and opens its heartbeat stream.
 pub async fn open_agent(
     target: &str,
@@ -81,11 +114,7 @@ pub async fn open_agent(
     let channel = connect(target).await?;
     let mut client = WorkerRegistryClient::new(channel);
 
-    let registered = client
-        .register(register_request(prefix, index))
-        .await
-        .map_err(|e| anyhow::anyhow!("Register of agent {index} failed: {e}"))?
-        .into_inner();
+    let registered = register_with_retry(&mut client, prefix, index).await?;
     let worker_id = registered.worker.map(|worker| worker.id).unwrap_or_default();
     let request = proto::HeartbeatRequest {
         worker_id,

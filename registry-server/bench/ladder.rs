@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
 use crate::histogram::{Latencies, Summary};
+use crate::procfs;
 use crate::report::{Observer, Window};
 
 /// Requests one agent may have unanswered; past it, sends are skipped and
@@ -66,6 +67,8 @@ pub struct StepResult {
     pub skipped: u64,
     /// Process readings over the window.
     pub window: Window,
+    /// CPU seconds this generator used in the window.
+    pub generator_cpu: f64,
     /// Whether the step kept up: at least 95% of the offered rate acknowledged,
     /// p99 within the limit, no errors and no skipped sends.
     pub passed: bool,
@@ -154,22 +157,25 @@ where
     let mut results = Vec::new();
     let mut rate = settings.start_rate;
     for _ in 0..settings.max_steps {
-        shared.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
-
         // An agent picks up the new rate after its next send, so the
-        // settle time covers at least one old interval.
-        sleep(settings.settle).await;
+        // settle time covers at least one old interval. The first step
+        // waits for one interval too, because agents start at random phases.
+        let old_interval = shared.interval();
+        shared.rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+        sleep(settings.settle.max(old_interval.mul_f64(1.1))).await;
         let errors_before = shared.errors.load(Ordering::Relaxed);
         let skipped_before = shared.skipped.load(Ordering::Relaxed);
         let acks_before = shared.acks.load(Ordering::Relaxed);
         shared.latencies.take();
         let start = observer.sample().await?;
+        let generator_before = procfs::cpu_seconds(std::process::id()).unwrap_or(f64::NAN);
 
         sleep(settings.step).await;
         let acks = shared.acks.load(Ordering::Relaxed) - acks_before;
         let errors = shared.errors.load(Ordering::Relaxed) - errors_before;
         let skipped = shared.skipped.load(Ordering::Relaxed) - skipped_before;
         let latency = shared.latencies.take();
+        let generator_cpu = procfs::cpu_seconds(std::process::id()).unwrap_or(f64::NAN) - generator_before;
         let window = observer.since(&start).await?;
 
         let acks_per_second = acks as f64 / window.seconds;
@@ -184,10 +190,11 @@ where
             errors,
             skipped,
             window,
+            generator_cpu,
             passed,
         };
         eprintln!(
-            "step: offered {:.0}/s, acknowledged {:.0}/s, {} samples, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {}, skipped {}, server cpu {:.2} s, {}",
+            "step: offered {:.0}/s, acknowledged {:.0}/s, {} samples, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, errors {}, skipped {}, server cpu {:.2} s, generator cpu {:.2} s, {}",
             result.offered,
             result.acks_per_second,
             latency.count,
@@ -197,6 +204,7 @@ where
             errors,
             skipped,
             window.server_cpu.unwrap_or(f64::NAN),
+            generator_cpu,
             if passed { "passed" } else { "failed" }
         );
         results.push(result);

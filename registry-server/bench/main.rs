@@ -107,7 +107,8 @@ struct HeartbeatArgs {
     /// Prefix of worker names, so runs against one database do not collide.
     #[arg(long, default_value = "bench")]
     prefix: String,
-    /// Aggregate heartbeat rate of the first step, per second; default one per agent per second.
+    /// Aggregate heartbeat rate of the first step, per second; default one
+    /// per agent per second, at most 2000.
     #[arg(long)]
     start_rate: Option<f64>,
     /// Factor from one step's rate to the next.
@@ -216,13 +217,19 @@ enum Target {
 /// Lease TTL granted by etcd, as long as the registry's default (3 x 30 s).
 const ETCD_LEASE_TTL: Duration = Duration::from_secs(90);
 
+/// First ladder step: one heartbeat per agent per second, at most 2000/s,
+/// so a large fleet starts below the rate where it may already fail.
+fn default_start_rate(agents: usize) -> f64 {
+    agents.min(2000) as f64
+}
+
 async fn heartbeat(args: HeartbeatArgs, target: Target) -> anyhow::Result<()> {
     let observer = args.common.observer().await?;
     let idle_kib = observer.server_rss_kib();
 
     let opening = Instant::now();
     let settings = LadderSettings {
-        start_rate: args.start_rate.unwrap_or(args.agents as f64),
+        start_rate: args.start_rate.unwrap_or(default_start_rate(args.agents)),
         factor: args.factor,
         max_steps: args.max_steps,
         settle: args.settle,
@@ -297,6 +304,16 @@ fn heartbeat_row(
         notes.push(format!("{per_agent:.1} KiB RSS per connected agent"));
     }
     if let Some(step) = best {
+        if let Some(server_cpu) = step.window.server_cpu {
+            notes.push(format!(
+                "server {:.0} CPU µs per ack",
+                server_cpu * 1e6 / (step.acks_per_second * step.window.seconds)
+            ));
+        }
+        notes.push(format!(
+            "generator {:.2} CPU s/s",
+            step.generator_cpu / step.window.seconds
+        ));
         if let Some(backend_cpu) = step.window.backend_cpu {
             notes.push(format!(
                 "PostgreSQL backends {:.3} CPU s/s",
@@ -317,6 +334,12 @@ fn heartbeat_row(
     }
     if let Some(error) = first_error {
         notes.push(format!("first error: {error}"));
+    }
+    let retries = client::REGISTER_RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+    if retries > 0 {
+        notes.push(format!(
+            "{retries} Register calls retried after UNAVAILABLE during set-up"
+        ));
     }
     notes.push(format!("run {setup_seconds:.0} s"));
 
