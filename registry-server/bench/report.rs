@@ -190,12 +190,13 @@ impl Observer {
             _ => None,
         };
 
-        // Only backends alive at both readings count; benchmark pools are
-        // opened before the first reading, so none is missed.
+        // A backend that started within the window, such as one a pool
+        // opened under load, counts with all its CPU time. A backend that
+        // exited within the window is missed.
         let backend_cpu = self.postgres.as_ref().map(|_| {
             end.backend_cpu
                 .iter()
-                .filter_map(|(pid, after)| start.backend_cpu.get(pid).map(|before| after - before))
+                .map(|(pid, after)| after - start.backend_cpu.get(pid).copied().unwrap_or(0.0))
                 .sum()
         });
 
