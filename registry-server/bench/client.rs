@@ -15,10 +15,12 @@ use worker_registry::proto::{self};
 
 use crate::ladder::{AgentStream, MAX_OUTSTANDING};
 
-/// Heartbeat interval the simulated agents request. The ladder sends
-/// faster than this; the registry accepts early heartbeats, and a long
-/// lease keeps agents alive while the ladder changes rates.
-const REQUESTED_INTERVAL: Duration = Duration::from_secs(10);
+/// Heartbeat interval the simulated agents request: the registry's default
+/// maximum, for a lease TTL of 15 minutes. Agents that register first send
+/// nothing more until all N are connected, which can take longer than a
+/// 30 s lease on a busy SQLite database. The ladder sends faster than this
+/// interval, and the registry accepts early heartbeats.
+const REQUESTED_INTERVAL: Duration = Duration::from_secs(300);
 
 /// Opens one HTTP/2 connection to `target`, such as `http://127.0.0.1:50051`.
 pub async fn connect(target: &str) -> anyhow::Result<Channel> {
