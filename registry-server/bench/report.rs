@@ -173,9 +173,9 @@ impl Observer {
         let mut end = self.sample().await?;
         let seconds = end.at.duration_since(start.at).as_secs_f64();
 
-        // PostgreSQL backends report their commits to pg_stat_database at
-        // most once per second (PGSTAT_MIN_INTERVAL in PostgreSQL 15), so
-        // the commit count is read again 1.5 s later.
+        // PostgreSQL backends send their commit counts to pg_stat_database
+        // in batches at least a second apart, so the count is read again
+        // 1.5 s later. Commits at the end of a short burst may still be missing.
         if let Some(postgres) = &self.postgres {
             tokio::time::sleep(STATS_DELAY).await;
             end.commits = Some(postgres.commits().await?);
