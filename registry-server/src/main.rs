@@ -2,6 +2,7 @@
 //! runs the gRPC server or the migrations.
 
 use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
 
 use clap::{Parser, Subcommand};
 use registry_server::config::{Flags, LogFormat, Settings};
@@ -86,6 +87,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
 
     let server = Server::start(settings).await?;
+    let leases = std::sync::Arc::clone(&server.leases);
 
     let name = tokio::select! {
         _ = interrupt.recv() => "SIGINT",
@@ -100,6 +102,21 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         _ = interrupt.recv() => { info!("second signal; exiting now"); Ok(()) }
         _ = terminate.recv() => { info!("second signal; exiting now"); Ok(()) }
     };
+    log_lease_counters(&leases);
     info!("stopped");
     result
+}
+
+/// Logs the lease counters once at exit, so benchmarks can compare
+/// heartbeat write statements with heartbeats accepted.
+fn log_lease_counters(leases: &registry_server::lease::Leases) {
+    let metrics = leases.metrics();
+    info!(
+        heartbeats_accepted = metrics.heartbeats_accepted.load(Ordering::Relaxed),
+        heartbeat_statements = metrics.heartbeat_statements.load(Ordering::Relaxed),
+        heartbeat_write_failures = metrics.heartbeat_write_failures.load(Ordering::Relaxed),
+        workers_expired = metrics.workers_expired.load(Ordering::Relaxed),
+        guarded_sweeps = metrics.guarded_sweeps.load(Ordering::Relaxed),
+        "lease counters"
+    );
 }
