@@ -88,7 +88,7 @@ async fn flush_runs_before_sweep() {
         .heartbeat(worker.id, hash_token(&worker.token), None)
         .await
         .unwrap();
-    // The registration's lease (600 ms) has now lapsed in the database; only the buffer knows better.
+    // The registration's lease (600 ms) has now lapsed in the database; only the buffer has the newer deadline.
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let expired = leases.sweep().await.unwrap();

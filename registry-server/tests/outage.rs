@@ -21,7 +21,7 @@ use worker_registry::proto::{self, get_request::Key};
 
 /// Length of the simulated outage.
 const OUTAGE: Duration = Duration::from_secs(20);
-/// Longest time an RPC may take to fail during the outage: the 1 s connect
+/// Maximum time an RPC may take to fail during the outage: the 1 s connect
 /// timeout plus the 1 s statement timeout plus one second of slack.
 const FAIL_WITHIN: Duration = Duration::from_secs(3);
 

@@ -104,7 +104,7 @@ async fn deregister_twice_is_harmless() {
     assert_eq!(unknown.unwrap_err().code(), Code::NotFound);
 }
 
-/// A client that sends its first heartbeat only after the call returned gets an answer.
+/// A client that sends its first heartbeat only after the call returned gets a response.
 #[tokio::test]
 async fn heartbeat_first_message_after_call() {
     let dir = tempfile::tempdir().unwrap();

@@ -49,9 +49,9 @@ const WORKER_COLUMNS: &str = r#"
 
 /// Conflict clause of both register upserts, single-row and batch. The
 /// update runs only when the current holder has no live lease at the time
-/// of the new registration (`EXCLUDED.last_heartbeat`), or is the same
-/// instance; otherwise RETURNING yields no row. `$11` is the time since
-/// the server regained its database, in milliseconds.
+/// of the new registration (`EXCLUDED.last_heartbeat`) or is the same
+/// instance. Otherwise RETURNING yields no row. `$11` is the time since the
+/// server regained its database, in milliseconds.
 const REGISTER_ON_CONFLICT: &str = r#"ON CONFLICT (name) DO UPDATE SET
                 worker_role = EXCLUDED.worker_role,
                 host = EXCLUDED.host,
@@ -209,9 +209,9 @@ impl PostgresStore {
             since_regained = since_regained.min(duration_ms(grant.since_regained));
         }
 
-        // Rows are inserted in name order so that concurrent batches lock
-        // them in the same order and cannot deadlock each other. The
-        // conflict rule is the one of the single-row upsert.
+        // Rows are inserted in name order so that concurrent batches tend to
+        // lock them in the same order. A deadlock that still occurs fails the
+        // batch, which then falls back to the single-row path and its retries.
         let sql = format!(
             r#"
             INSERT INTO worker AS w (
