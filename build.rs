@@ -19,7 +19,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&file_descriptors),
     )?;
 
-    tonic_prost_build::configure().compile_fds(file_descriptors)?;
+    // ListResponse is written by hand in src/list_response.rs, so that the
+    // server can send workers it encoded ahead of time.
+    tonic_prost_build::configure()
+        .extern_path(".registry.v1.ListResponse", "crate::list_response::ListResponse")
+        .compile_fds(file_descriptors)?;
 
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! - [`domain`]: worker roles, statuses and runtime name normalization.
 //! - [`validation`]: input limits and the checks that enforce them.
 //! - [`json`]: conversion between `google.protobuf.Struct` and JSON.
+//! - [`list_response`]: the List response, which can carry pre-encoded workers.
 //! - [`duration`]: parsing of durations such as `30`, `200ms` or `2m`.
 
 #![warn(missing_docs)]
@@ -13,12 +14,15 @@
 pub mod domain;
 pub mod duration;
 pub mod json;
+pub mod list_response;
 pub mod validation;
 
 /// Generated `registry.v1` protocol types, client and server.
 #[allow(missing_docs)]
 pub mod proto {
     tonic::include_proto!("registry.v1");
+
+    pub use crate::list_response::{EncodedWorker, ListResponse};
 
     /// Encoded file descriptor set of `registry.proto`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("registry_descriptor");

@@ -64,6 +64,10 @@ pub struct Flags {
     #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
     pub flush_interval: Option<Duration>,
 
+    /// Time between reads of rows that other replicas changed, for List [default: 1s].
+    #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
+    pub index_refresh_interval: Option<Duration>,
+
     /// Time allowed for a graceful shutdown before open connections are dropped [default: 10s].
     #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
     pub shutdown_grace: Option<Duration>,
@@ -129,6 +133,9 @@ pub struct RegistrySettings {
     /// Maximum time a heartbeat stays buffered before it is written.
     #[serde(with = "worker_registry::duration::serde")]
     pub flush_interval: Duration,
+    /// Time between reads of changed rows into the worker index.
+    #[serde(with = "worker_registry::duration::serde")]
+    pub index_refresh_interval: Duration,
     /// Grace period of a shutdown.
     #[serde(with = "worker_registry::duration::serde")]
     pub shutdown_grace: Duration,
@@ -169,6 +176,7 @@ impl Settings {
             .set_default("registry.missed_heartbeats", 3)?
             .set_default("registry.sweep_interval", "5s")?
             .set_default("registry.flush_interval", "1s")?
+            .set_default("registry.index_refresh_interval", "1s")?
             .set_default("registry.shutdown_grace", "10s")?
             .set_default("registry.reflection", true)?
             .set_default("registry.mass_expiry_guard", true)?
@@ -243,6 +251,10 @@ impl Settings {
             !registry.flush_interval.is_zero(),
             "registry.flush_interval must be greater than 0"
         );
+        anyhow::ensure!(
+            !registry.index_refresh_interval.is_zero(),
+            "registry.index_refresh_interval must be greater than 0"
+        );
 
         anyhow::ensure!(
             (0.0..=1.0).contains(&registry.mass_expiry_threshold),
@@ -303,6 +315,7 @@ const SERVER_KEYS: [(&str, &[&str]); 3] = [
             "missed_heartbeats",
             "sweep_interval",
             "flush_interval",
+            "index_refresh_interval",
             "shutdown_grace",
             "reflection",
             "mass_expiry_guard",
@@ -371,6 +384,7 @@ fn apply_flags(
         ("registry.max_heartbeat_interval", flags.max_heartbeat_interval),
         ("registry.sweep_interval", flags.sweep_interval),
         ("registry.flush_interval", flags.flush_interval),
+        ("registry.index_refresh_interval", flags.index_refresh_interval),
         ("registry.shutdown_grace", flags.shutdown_grace),
     ];
     for (key, value) in durations {

@@ -22,6 +22,7 @@ use tracing::{debug, error, info, warn};
 use worker_registry::domain::Status;
 
 use crate::clock::Clock;
+use crate::index::WorkerIndex;
 use crate::store::{HeartbeatWrite, LeaseCounts, SessionRecord, Store, StoreError, Sweep};
 
 /// Lease timing and guard settings.
@@ -130,6 +131,8 @@ pub struct Leases {
     /// flush interval after it, so sweeps do not add statements on top.
     last_flush: Mutex<Instant>,
     metrics: LeaseMetrics,
+    /// Follows every write this process makes, for List.
+    index: Arc<WorkerIndex>,
 }
 
 /// Hashes a session token; only the hash is stored or compared.
@@ -154,6 +157,7 @@ impl Leases {
             flush_lock: tokio::sync::Mutex::new(()),
             last_flush: Mutex::new(Instant::now()),
             metrics: LeaseMetrics::default(),
+            index: Arc::new(WorkerIndex::new()),
         })
     }
 
@@ -171,6 +175,11 @@ impl Leases {
     /// Returns the server clock.
     pub fn clock(&self) -> &Clock {
         &self.clock
+    }
+
+    /// Returns the worker index that serves List.
+    pub fn index(&self) -> &Arc<WorkerIndex> {
+        &self.index
     }
 
     /// Returns the store.
@@ -377,6 +386,8 @@ impl Leases {
             }
         };
 
+        self.index.heartbeats_written(&batch, &updated);
+
         // A heartbeat that updated no row belongs to a session that ended
         // elsewhere. Forgetting the session sends the worker's next heartbeat
         // to the database, which returns the right status code.
@@ -441,6 +452,8 @@ impl Leases {
         let result = self.store.expire(&sweep).await;
         self.observe(&result);
         let expired = result?;
+        let expired_ids: Vec<i64> = expired.iter().map(|worker| worker.id).collect();
+        self.index.expired(&expired_ids, sweep.now);
 
         let mut table = self.table.lock().expect("lease table lock");
         for worker in &expired {

@@ -3,6 +3,7 @@
 //! - [`config`]: settings from defaults, YAML, environment and flags.
 //! - [`store`]: the storage trait and its SQLite and PostgreSQL backends.
 //! - [`lease`]: sessions, buffered heartbeat writes and the expiry sweeper.
+//! - [`index`]: the in-memory worker index that serves List.
 //! - [`registration`]: batching of concurrent Register calls.
 //! - [`service`]: the `registry.v1.WorkerRegistry` gRPC service.
 //! - [`server`]: assembly, health, reflection and graceful shutdown.
@@ -10,6 +11,7 @@
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod index;
 pub mod lease;
 pub mod registration;
 pub mod server;

@@ -18,6 +18,7 @@ use worker_registry::validation::MAX_MESSAGE_BYTES;
 
 use crate::clock::Clock;
 use crate::config::Settings;
+use crate::index::IndexTiming;
 use crate::lease::{LeaseSettings, Leases};
 use crate::service::{GrantPolicy, RegistryService};
 use crate::store::{self, PoolOptions, Store};
@@ -118,6 +119,35 @@ impl Server {
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha);
 
+        // Loading the index before listening lets the first List calls use
+        // it. When the database cannot be read now, the refresh loop keeps
+        // trying and List reads from the database meanwhile.
+        let index = Arc::clone(leases.index());
+        let load_started = leases.clock().now();
+        let loaded_at = match index.reload(leases.store().as_ref()).await {
+            Ok(workers) => {
+                info!(workers, "worker index loaded");
+                Some(load_started)
+            }
+            Err(error) => {
+                warn!(error = %error, "worker index not loaded; List reads from the database until it is");
+                None
+            }
+        };
+        let refresher = tokio::spawn(index.run(
+            Arc::clone(leases.store()),
+            *leases.clock(),
+            IndexTiming {
+                refresh_interval: registry.index_refresh_interval,
+                flush_interval: registry.flush_interval,
+            },
+            loaded_at,
+            {
+                let leases = Arc::clone(&leases);
+                move |result| leases.observe(result)
+            },
+            shutdown.clone(),
+        ));
         let flusher = tokio::spawn(Arc::clone(&leases).run_flusher(shutdown.clone()));
         let sweeper = tokio::spawn(Arc::clone(&leases).run_sweeper(shutdown.clone()));
 
@@ -153,6 +183,7 @@ impl Server {
             stop.cancel();
             let _ = sweeper.await;
             let _ = flusher.await;
+            let _ = refresher.await;
             served.map_err(anyhow::Error::from)
         });
 

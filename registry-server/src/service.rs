@@ -12,7 +12,7 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use futures::Stream;
 use rand::RngCore;
-use serde_json::Value as Json;
+use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -131,6 +131,7 @@ impl WorkerRegistry for RegistryService {
             heartbeat_interval: Some(proto_duration(interval)),
             lease_ttl: Some(proto_duration(lease_ttl)),
         };
+        self.leases.index().registered(record, &token_hash);
         Ok(Response::new(response))
     }
 
@@ -207,6 +208,7 @@ impl WorkerRegistry for RegistryService {
         };
 
         self.leases.session_ended(record.id);
+        self.leases.index().deregistered(&record);
         info!(worker_id = record.id, name = %record.name, "worker deregistered");
 
         let response = proto::DeregisterResponse {
@@ -251,8 +253,30 @@ impl WorkerRegistry for RegistryService {
         let after_id = decode_page_token(&request.page_token, &filter).map_err(ServiceError::from)?;
 
         let now = self.leases.clock().now();
-        let mut records = self.observe(self.leases.store().list(&filter, after_id, now).await)?;
+        // While the database is down, List fails like every other call
+        // rather than serve a picture that nothing keeps current.
+        if self.leases.database_down() {
+            let error = StoreError::Unavailable("the database is unreachable".into());
+            return Err(ServiceError::from(error).into());
+        }
 
+        let index = self.leases.index();
+        if index.is_current() {
+            let page = index.list(&filter, after_id, now);
+            let next_page_token = page
+                .more_after
+                .map(|last_id| encode_page_token(last_id, &filter))
+                .unwrap_or_default();
+            let mut response = proto::ListResponse::new(Vec::new(), next_page_token);
+            for worker in page.workers {
+                response.push_encoded(worker);
+            }
+            return Ok(Response::new(response));
+        }
+
+        // Until the index has loaded, or while its refreshes fail, List
+        // reads from the database.
+        let mut records = self.observe(self.leases.store().list(&filter, after_id, now).await)?;
         let next_page_token = if records.len() > filter.page_size {
             records.truncate(filter.page_size);
             let last_id = records.last().map(|record| record.id).unwrap_or(after_id);
@@ -261,10 +285,7 @@ impl WorkerRegistry for RegistryService {
             String::new()
         };
 
-        let response = proto::ListResponse {
-            workers: records.iter().map(worker_to_proto).collect(),
-            next_page_token,
-        };
+        let response = proto::ListResponse::new(records.iter().map(worker_to_proto).collect(), next_page_token);
         Ok(Response::new(response))
     }
 }
@@ -391,16 +412,7 @@ pub fn worker_to_proto(record: &WorkerRecord) -> proto::Worker {
         })
         .collect();
 
-    let labels = capabilities
-        .get("labels")
-        .and_then(Json::as_object)
-        .map(|labels| {
-            labels
-                .iter()
-                .filter_map(|(key, value)| value.as_str().map(|value| (key.clone(), value.to_string())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let labels = string_labels(capabilities).collect();
 
     proto::Worker {
         id: record.id,
@@ -417,6 +429,17 @@ pub fn worker_to_proto(record: &WorkerRecord) -> proto::Worker {
         instance_id: record.instance_id.clone(),
         lease_expires: record.lease_expires.map(proto_timestamp),
     }
+}
+
+/// Returns the string-valued pairs of the `labels` object of a
+/// capabilities document; other values are not labels a filter can match.
+pub fn string_labels(capabilities: &Map<String, Json>) -> impl Iterator<Item = (String, String)> + '_ {
+    capabilities
+        .get("labels")
+        .and_then(Json::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(key, value)| value.as_str().map(|value| (key.clone(), value.to_string())))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ mod common;
 mod support;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{register_request, ServerProcess};
 use sqlx::Row;
@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use worker_registry::proto::{self, get_request::Key};
 
 /// Flags for short leases: 200 ms interval, 600 ms TTL, frequent sweeps.
-const FAST_SERVER: [&str; 8] = [
+const FAST_SERVER: [&str; 10] = [
     "--min-heartbeat-interval",
     "100ms",
     "--heartbeat-interval",
@@ -26,7 +26,13 @@ const FAST_SERVER: [&str; 8] = [
     "200ms",
     "--flush-interval",
     "100ms",
+    "--index-refresh-interval",
+    "200ms",
 ];
+
+/// Longest wait for a change made through one replica to show in the
+/// other's List: one refresh interval plus room for a slow machine.
+const LIST_VISIBLE_WITHIN: Duration = Duration::from_secs(2);
 
 /// A worker registered through one replica is listed by the other, and
 /// heartbeats sent to the second keep alive the lease the first granted.
@@ -48,9 +54,22 @@ async fn replicas_share_workers_and_leases() {
         .into_inner();
     let id = registered.worker.unwrap().id;
 
-    let listed = client_b.list(proto::ListRequest::default()).await.unwrap().into_inner();
-    assert_eq!(listed.workers.len(), 1);
+    // B serves List from its worker index, which reads A's writes at its next refresh.
+    let registered_at = Instant::now();
+    let listed = loop {
+        let listed = client_b.list(proto::ListRequest::default()).await.unwrap().into_inner();
+        if !listed.workers.is_empty() || registered_at.elapsed() > LIST_VISIBLE_WITHIN {
+            break listed;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        listed.workers.len(),
+        1,
+        "B did not list A's worker within {LIST_VISIBLE_WITHIN:?}"
+    );
     assert_eq!(listed.workers[0].id, id);
+    println!("A's registration listed by B after {:?}", registered_at.elapsed());
 
     // Heartbeat through B for five TTLs; A must keep seeing a live worker.
     let (sender, receiver) = tokio::sync::mpsc::channel(1);

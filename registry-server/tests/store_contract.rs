@@ -11,11 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, TimeZone, Utc};
+use prost::Message;
+use registry_server::index::WorkerIndex;
+use registry_server::service::worker_to_proto;
 use registry_server::store::{
-    HeartbeatWrite, LeaseCounts, LeaseGrant, Store, StoreError, StoreResult, Sweep, WorkerRecord,
+    HeartbeatWrite, LeaseCounts, LeaseGrant, RowSelection, Store, StoreError, StoreResult, Sweep, WorkerRecord,
 };
 use serde_json::json;
 use worker_registry::domain::{Role, Status};
+use worker_registry::proto;
 use worker_registry::validation::{ListFilter, Registration, RuntimeSpec};
 
 use support::Fixture;
@@ -86,6 +90,11 @@ contract_tests!(
     list_huge_heartbeat_age,
     list_keyset_pages,
     sql_default_timestamps_compare,
+    index_changes_reads_changed_rows,
+    index_entries_match_records,
+    index_follows_outside_changes,
+    index_keeps_newer_local_writes,
+    index_loads_in_pages,
 );
 
 // Helpers.
@@ -205,6 +214,7 @@ fn all_workers() -> ListFilter {
 }
 
 /// Lists the names of the workers matching `filter` at `now`, sorted.
+/// A worker index loaded from the same store must list the same names.
 async fn names(store: &dyn Store, filter: &ListFilter, now: DateTime<Utc>) -> Vec<String> {
     let mut names: Vec<String> = store
         .list(filter, 0, now)
@@ -214,7 +224,35 @@ async fn names(store: &dyn Store, filter: &ListFilter, now: DateTime<Utc>) -> Ve
         .map(|worker| worker.name)
         .collect();
     names.sort();
+
+    let index = WorkerIndex::new();
+    index.reload(store).await.expect("index load failed");
+    assert_eq!(
+        index_names(&index, filter, now),
+        names,
+        "the index and the store disagree"
+    );
     names
+}
+
+/// Lists the names of the workers in `index` matching `filter` at `now`, sorted.
+fn index_names(index: &WorkerIndex, filter: &ListFilter, now: DateTime<Utc>) -> Vec<String> {
+    let mut names: Vec<String> = index_workers(index, filter, now)
+        .into_iter()
+        .map(|worker| worker.name)
+        .collect();
+    names.sort();
+    names
+}
+
+/// Decodes the first page of `index` for `filter` at `now`.
+fn index_workers(index: &WorkerIndex, filter: &ListFilter, now: DateTime<Utc>) -> Vec<proto::Worker> {
+    index
+        .list(filter, 0, now)
+        .workers
+        .iter()
+        .map(|encoded| proto::Worker::decode(encoded.as_bytes()).expect("index entry decodes"))
+        .collect()
 }
 
 /// Reads a worker that must exist.
@@ -2003,4 +2041,155 @@ mod postgres_only {
             .unwrap_or_else(|_| panic!("the outage tests need a numeric loopback host, got {host}"));
         std::net::SocketAddr::new(ip, parsed.port().unwrap_or(5432))
     }
+}
+
+// Worker index.
+
+/// Proves that the index reads see changed rows, their session hash and every id.
+async fn index_changes_reads_changed_rows(fixture: &Fixture) {
+    let store = fixture.store.as_ref();
+    let old = register(store, &registration("old", "i1"), &token(1), at(0))
+        .await
+        .unwrap();
+    let new = register(store, &registration("new", "i2"), &token(2), at(5000))
+        .await
+        .unwrap();
+
+    let changes = store.index_changes(at(5000)).await.unwrap();
+    assert_eq!(changes.total, 2);
+    let ids: Vec<i64> = changes.rows.iter().map(|row| row.id).collect();
+    assert_eq!(ids, vec![new.id], "only the row updated at or after the time");
+    assert_eq!(changes.rows[0].token_hash.as_deref(), Some(token(2).as_slice()));
+    assert_eq!(changes.rows[0].status, Status::Active);
+    assert_eq!(changes.rows[0].updated, at(5000));
+    assert_eq!(changes.rows[0].last_heartbeat, Some(at(5000)));
+
+    let everything = store.index_changes(at(0)).await.unwrap();
+    assert_eq!(everything.rows.len(), 2);
+
+    assert_eq!(store.worker_ids().await.unwrap(), vec![old.id, new.id]);
+
+    let rows = store.index_rows(RowSelection::Ids(&[new.id, 999_999])).await.unwrap();
+    assert_eq!(rows.len(), 1, "unknown ids are skipped");
+    assert_eq!(rows[0].record, new);
+    assert_eq!(rows[0].token_hash.as_deref(), Some(token(2).as_slice()));
+    assert!(store.index_rows(RowSelection::Ids(&[])).await.unwrap().is_empty());
+
+    let page = |after_id, limit| RowSelection::After { after_id, limit };
+    let first = store.index_rows(page(0, 1)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].record, old);
+    let rest = store.index_rows(page(old.id, 10)).await.unwrap();
+    assert_eq!(rest.iter().map(|row| row.record.id).collect::<Vec<_>>(), vec![new.id]);
+}
+
+/// Proves that a worker from the index decodes to what Get would return.
+async fn index_entries_match_records(fixture: &Fixture) {
+    let store = fixture.store.as_ref();
+    let fleet = register_list_fleet(store).await;
+    let index = WorkerIndex::new();
+    index.reload(store).await.unwrap();
+
+    let listed = index_workers(&index, &all_workers(), at(10_000));
+    assert_eq!(listed.len(), fleet.len());
+    for worker in listed {
+        let expected = worker_to_proto(&get(store, worker.id).await);
+        assert_eq!(worker, expected, "worker {}", worker.name);
+    }
+}
+
+/// Proves that a refresh brings in rows changed, added and deleted by
+/// someone else, such as another replica or an operator.
+async fn index_follows_outside_changes(fixture: &Fixture) {
+    let store = fixture.store.as_ref();
+    let fleet = register_list_fleet(store).await;
+    let index = WorkerIndex::new();
+    index.reload(store).await.unwrap();
+
+    // Another writer: a new worker, a re-registration with new runtimes,
+    // a status change and a deleted row.
+    let other = fixture.open_replica().await;
+    register(other.as_ref(), &registration("z-new", "i9"), &token(9), at(20_000))
+        .await
+        .unwrap();
+    let moved = registration_with("b-node", Role::Sensor, &["python"], &[("zone", "c")]);
+    register(other.as_ref(), &moved, &token(8), at(20_000)).await.unwrap();
+    let retired = fleet["a-py"].id;
+    store.deregister(retired, &token(1), at(20_000)).await.unwrap();
+    fixture.execute("DELETE FROM worker WHERE name = 'd_x'").await;
+
+    let read = index.refresh(store, at(19_000)).await.unwrap();
+    assert!(read >= 3, "the refresh read {read} rows");
+
+    let everyone = index_names(&index, &all_workers(), at(20_000));
+    assert_eq!(everyone, vec!["a-py", "b-node", "c-both", "dx-1", "e-busy", "z-new"]);
+
+    let python = ListFilter {
+        runtimes: vec!["python".into()],
+        ..all_workers()
+    };
+    assert_eq!(
+        index_names(&index, &python, at(20_000)),
+        vec!["a-py", "b-node", "c-both", "e-busy"],
+        "the re-registration's runtimes are in the index"
+    );
+    let inactive = ListFilter {
+        statuses: vec![Status::Inactive],
+        ..all_workers()
+    };
+    assert_eq!(index_names(&index, &inactive, at(20_000)), vec!["a-py"]);
+
+    // Nothing changed since: a second refresh leaves the same picture.
+    index.refresh(store, at(21_000)).await.unwrap();
+    assert_eq!(index_names(&index, &all_workers(), at(20_000)), everyone);
+}
+
+/// Proves that a read which started before a local write does not undo it.
+async fn index_keeps_newer_local_writes(fixture: &Fixture) {
+    let store = fixture.store.as_ref();
+    let record = register(store, &registration("w", "i1"), &token(1), at(0))
+        .await
+        .unwrap();
+    let index = WorkerIndex::new();
+    index.reload(store).await.unwrap();
+
+    // The database still says active; the index learns of an expiry that
+    // this process wrote after the refresh below started reading.
+    let mut refresh = std::pin::pin!(index.refresh(store, at(0)));
+    assert!(
+        futures::poll!(&mut refresh).is_pending(),
+        "the refresh waits for the database"
+    );
+    index.expired(&[record.id], at(1000));
+    refresh.await.unwrap();
+
+    let inactive = ListFilter {
+        statuses: vec![Status::Inactive],
+        ..all_workers()
+    };
+    assert_eq!(index_names(&index, &inactive, at(1000)), vec!["w"]);
+}
+
+/// Proves that a full load reads a table larger than one page completely.
+async fn index_loads_in_pages(fixture: &Fixture) {
+    let store = fixture.store.as_ref();
+    let insert = match store.backend() {
+        "postgres" => {
+            "INSERT INTO worker (name, worker_role, status) \
+             SELECT 'bulk-' || n, 'sensor', 'inactive' FROM generate_series(1, 4100) AS n"
+        }
+        _ => {
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 4100) \
+             INSERT INTO worker (name, worker_role, status) SELECT 'bulk-' || i, 'sensor', 'inactive' FROM n"
+        }
+    };
+    assert_eq!(fixture.execute(insert).await, 4100);
+
+    let index = WorkerIndex::new();
+    assert_eq!(index.reload(store).await.unwrap(), 4100);
+    assert_eq!(index.len(), 4100);
+
+    fixture.execute("DELETE FROM worker WHERE name = 'bulk-17'").await;
+    assert_eq!(index.reload(store).await.unwrap(), 4099);
+    assert_eq!(index.len(), 4099, "a deleted row leaves the index at the next load");
 }

@@ -191,7 +191,7 @@ async fn deleted_row_is_registered_again() {
     let database = dir.path().join("registry.db");
     let server = Server::start(&database, "127.0.0.1:0");
     let agent = start_agent(&agent_options("sensor-deleted", vec![server.url()], dir.path()));
-    wait_active(&server.url(), "sensor-deleted", LONG_WAIT)
+    let first = wait_active(&server.url(), "sensor-deleted", LONG_WAIT)
         .await
         .unwrap_or_else(|| panic!("agent never registered; logs:\n{}", agent_logs(&agent)));
 
@@ -204,7 +204,17 @@ async fn deleted_row_is_registered_again() {
     assert_eq!(deleted.rows_affected(), 1);
     let deleted_at = Instant::now();
 
-    let again = wait_active(&server.url(), "sensor-deleted", LONG_WAIT).await;
+    // The new row has a new id; SQLite's AUTOINCREMENT never reuses one.
+    let registry = client(&server.url()).await;
+    let again = poll(LONG_WAIT, || {
+        let mut registry = registry.clone();
+        async move {
+            find_worker(&mut registry, "sensor-deleted")
+                .await
+                .filter(|worker| is_active(worker) && worker.id != first.id)
+        }
+    })
+    .await;
 
     let elapsed = deleted_at.elapsed();
     assert!(

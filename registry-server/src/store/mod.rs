@@ -234,6 +234,67 @@ pub trait Store: Send + Sync + 'static {
     /// one statement and returns them. Safe to run from several replicas at
     /// once: each worker is returned by exactly one of them.
     async fn expire(&self, sweep: &Sweep) -> StoreResult<Vec<ExpiredWorker>>;
+
+    /// Reads whole rows with their session token hash for the worker
+    /// index, in id order.
+    async fn index_rows(&self, selection: RowSelection<'_>) -> StoreResult<Vec<IndexRow>>;
+
+    /// Reads the changing fields of every row whose `updated` is at or
+    /// after `since`, and counts all rows. Every write of the registry sets
+    /// `updated`.
+    async fn index_changes(&self, since: DateTime<Utc>) -> StoreResult<IndexChanges>;
+
+    /// Reads the ids of all rows.
+    async fn worker_ids(&self) -> StoreResult<Vec<i64>>;
+}
+
+/// Which rows [`Store::index_rows`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowSelection<'a> {
+    /// The rows with these ids; unknown ids are skipped.
+    Ids(&'a [i64]),
+    /// At most `limit` rows with ids above `after_id`: one page of a full load.
+    After {
+        /// Rows with this id or a lower one are skipped.
+        after_id: i64,
+        /// Maximum number of rows.
+        limit: i64,
+    },
+}
+
+/// A whole row as the worker index keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexRow {
+    /// The row.
+    pub record: WorkerRecord,
+    /// SHA-256 of the current session token; it changes with every Register.
+    pub token_hash: Option<Vec<u8>>,
+}
+
+/// The fields of a row that change without a new registration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowChange {
+    /// Worker id.
+    pub id: i64,
+    /// Status.
+    pub status: Status,
+    /// Time of the last accepted heartbeat or registration.
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    /// Lease deadline.
+    pub lease_expires: Option<DateTime<Utc>>,
+    /// Time of the last change to the row.
+    pub updated: DateTime<Utc>,
+    /// SHA-256 of the current session token.
+    pub token_hash: Option<Vec<u8>>,
+}
+
+/// Result of [`Store::index_changes`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct IndexChanges {
+    /// Rows changed at or after the given time, in id order.
+    pub rows: Vec<RowChange>,
+    /// Number of rows in the table.
+    pub total: i64,
 }
 
 /// Pool and timeout settings shared by both backends.

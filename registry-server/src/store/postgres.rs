@@ -24,8 +24,8 @@ use worker_registry::domain::{Role, Status};
 use worker_registry::validation::ListFilter;
 
 use super::{
-    duration_ms, redact_url, ExpiredWorker, HeartbeatWrite, LeaseCounts, LeaseGrant, PoolOptions, SessionRecord, Store,
-    StoreError, StoreResult, Sweep, WorkerRecord,
+    duration_ms, redact_url, ExpiredWorker, HeartbeatWrite, IndexChanges, IndexRow, LeaseCounts, LeaseGrant,
+    PoolOptions, RowChange, RowSelection, SessionRecord, Store, StoreError, StoreResult, Sweep, WorkerRecord,
 };
 
 /// Migrations of this backend, embedded at build time.
@@ -655,6 +655,93 @@ impl Store for PostgresStore {
         })
         .await
     }
+
+    #[instrument(skip_all, name = "store.postgres.index_rows")]
+    async fn index_rows(&self, selection: RowSelection<'_>) -> StoreResult<Vec<IndexRow>> {
+        let rows = self
+            .bounded(async {
+                let rows = match selection {
+                    RowSelection::Ids(ids) => {
+                        let sql = format!(
+                            "SELECT {WORKER_COLUMNS}, session_token_hash FROM worker WHERE id = ANY($1::bigint[]) ORDER BY id"
+                        );
+                        sqlx::query(&sql).bind(ids).fetch_all(&self.pool).await
+                    }
+                    RowSelection::After { after_id, limit } => {
+                        let sql = format!(
+                            "SELECT {WORKER_COLUMNS}, session_token_hash FROM worker WHERE id > $1 ORDER BY id LIMIT $2"
+                        );
+                        sqlx::query(&sql).bind(after_id).bind(limit).fetch_all(&self.pool).await
+                    }
+                };
+                rows.map_err(map_error)
+            })
+            .await?;
+
+        // Decoding runs outside the deadline, which is meant for the database.
+        rows.iter()
+            .map(|row| {
+                Ok(IndexRow {
+                    record: decode_worker(row)?,
+                    token_hash: row.try_get("session_token_hash")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(map_error)
+    }
+
+    #[instrument(skip_all, name = "store.postgres.index_changes")]
+    async fn index_changes(&self, since: DateTime<Utc>) -> StoreResult<IndexChanges> {
+        self.bounded(async {
+            let since = db_time(since);
+            let rows = sqlx::query(
+                r#"
+                SELECT id, status::text AS status, last_heartbeat, lease_expires, updated, session_token_hash
+                FROM worker
+                WHERE updated >= $1
+                ORDER BY id
+                "#,
+            )
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_error)?;
+            let total: i64 = sqlx::query_scalar("SELECT count(*) FROM worker")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(map_error)?;
+
+            let rows = rows
+                .iter()
+                .map(|row| {
+                    let id: i64 = row.try_get("id")?;
+                    let status: String = row.try_get("status")?;
+                    Ok(RowChange {
+                        id,
+                        status: parse_column::<Status>(id, "status", &status)?,
+                        last_heartbeat: row.try_get("last_heartbeat")?,
+                        lease_expires: row.try_get("lease_expires")?,
+                        updated: row.try_get("updated")?,
+                        token_hash: row.try_get("session_token_hash")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(map_error)?;
+            Ok(IndexChanges { rows, total })
+        })
+        .await
+    }
+
+    #[instrument(skip_all, name = "store.postgres.worker_ids")]
+    async fn worker_ids(&self) -> StoreResult<Vec<i64>> {
+        self.bounded(async {
+            sqlx::query_scalar("SELECT id FROM worker ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(map_error)
+        })
+        .await
+    }
 }
 
 /// Heartbeats as the columns of the batch update, one entry per worker and token.
@@ -669,15 +756,20 @@ struct HeartbeatBatch {
 impl HeartbeatBatch {
     /// Builds the columns, keeping the latest heartbeat of each worker and token.
     fn new(heartbeats: &[HeartbeatWrite]) -> Self {
+        let mut positions: HashMap<(i64, &[u8]), usize> = HashMap::with_capacity(heartbeats.len());
         let mut latest: Vec<&HeartbeatWrite> = Vec::with_capacity(heartbeats.len());
         for heartbeat in heartbeats {
-            let same = latest
-                .iter_mut()
-                .find(|kept| kept.worker_id == heartbeat.worker_id && kept.token_hash == heartbeat.token_hash);
-            match same {
-                Some(kept) if kept.at <= heartbeat.at => *kept = heartbeat,
-                Some(_) => {}
-                None => latest.push(heartbeat),
+            match positions.entry((heartbeat.worker_id, heartbeat.token_hash.as_slice())) {
+                std::collections::hash_map::Entry::Occupied(slot) => {
+                    let kept = &mut latest[*slot.get()];
+                    if kept.at <= heartbeat.at {
+                        *kept = heartbeat;
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(latest.len());
+                    latest.push(heartbeat);
+                }
             }
         }
 

@@ -18,8 +18,8 @@ use worker_registry::domain::{Role, Status};
 use worker_registry::validation::ListFilter;
 
 use super::{
-    duration_ms, format_sqlite_time, ExpiredWorker, HeartbeatWrite, LeaseCounts, LeaseGrant, PoolOptions,
-    SessionRecord, Store, StoreError, StoreResult, Sweep, WorkerRecord,
+    duration_ms, format_sqlite_time, ExpiredWorker, HeartbeatWrite, IndexChanges, IndexRow, LeaseCounts, LeaseGrant,
+    PoolOptions, RowChange, RowSelection, SessionRecord, Store, StoreError, StoreResult, Sweep, WorkerRecord,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -491,6 +491,85 @@ impl Store for SqliteStore {
                 Ok(worker)
             })
             .collect()
+    }
+
+    #[instrument(name = "store.sqlite.index_rows", skip_all)]
+    async fn index_rows(&self, selection: RowSelection<'_>) -> StoreResult<Vec<IndexRow>> {
+        let rows = match selection {
+            RowSelection::Ids(ids) => {
+                // One JSON array parameter instead of one parameter per id,
+                // so no id count reaches SQLite's limit on parameters.
+                let sql = format!(
+                    "SELECT {WORKER_COLUMNS}, session_token_hash FROM worker \
+                     WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id"
+                );
+                let ids = Json::from(ids.to_vec()).to_string();
+                sqlx::query(&sql).bind(ids).fetch_all(&self.pool).await
+            }
+            RowSelection::After { after_id, limit } => {
+                let sql = format!(
+                    "SELECT {WORKER_COLUMNS}, session_token_hash FROM worker WHERE id > ?1 ORDER BY id LIMIT ?2"
+                );
+                sqlx::query(&sql).bind(after_id).bind(limit).fetch_all(&self.pool).await
+            }
+        }
+        .map_err(map_error)?;
+
+        rows.iter()
+            .map(|row| {
+                Ok(IndexRow {
+                    record: worker_from_row(row)?,
+                    token_hash: row.try_get("session_token_hash").map_err(map_error)?,
+                })
+            })
+            .collect()
+    }
+
+    #[instrument(name = "store.sqlite.index_changes", skip_all)]
+    async fn index_changes(&self, since: DateTime<Utc>) -> StoreResult<IndexChanges> {
+        let rows = sqlx::query(
+            "SELECT id, status, last_heartbeat, lease_expires, updated, session_token_hash \
+             FROM worker WHERE updated >= ?1 ORDER BY id",
+        )
+        .bind(format_sqlite_time(since))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_error)?;
+        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM worker")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_error)?;
+
+        let rows = rows
+            .iter()
+            .map(|row| {
+                let status: String = row.try_get("status").map_err(map_error)?;
+                let updated: String = row.try_get("updated").map_err(map_error)?;
+                Ok(RowChange {
+                    id: row.try_get("id").map_err(map_error)?,
+                    status: status.parse::<Status>().map_err(StoreError::Internal)?,
+                    last_heartbeat: parse_optional_time(
+                        "last_heartbeat",
+                        row.try_get("last_heartbeat").map_err(map_error)?,
+                    )?,
+                    lease_expires: parse_optional_time(
+                        "lease_expires",
+                        row.try_get("lease_expires").map_err(map_error)?,
+                    )?,
+                    updated: parse_time("updated", &updated)?,
+                    token_hash: row.try_get("session_token_hash").map_err(map_error)?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(IndexChanges { rows, total })
+    }
+
+    #[instrument(name = "store.sqlite.worker_ids", skip_all)]
+    async fn worker_ids(&self) -> StoreResult<Vec<i64>> {
+        sqlx::query_scalar("SELECT id FROM worker ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_error)
     }
 }
 
