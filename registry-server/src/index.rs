@@ -86,13 +86,25 @@ struct Entry {
 
 impl Entry {
     fn new(row: IndexRow, changed_at: Instant) -> Entry {
+        let mut worker = worker_to_proto(&row.record);
+        Entry::with_worker(row, &mut worker, changed_at)
+    }
+
+    /// Builds an entry from a row and the same row converted to protobuf,
+    /// when the caller has converted it already. `worker` is left as it was.
+    fn with_worker(row: IndexRow, worker: &mut proto::Worker, changed_at: Instant) -> Entry {
         let record = row.record;
-        let mut fixed_fields = worker_to_proto(&record);
-        fixed_fields.status = 0;
-        fixed_fields.last_heartbeat = None;
-        fixed_fields.updated = None;
-        fixed_fields.lease_expires = None;
-        let encoded = EncodedWorker::new(&fixed_fields);
+
+        // Encode the worker without its changing fields, then put them back.
+        let status = std::mem::take(&mut worker.status);
+        let last_heartbeat = worker.last_heartbeat.take();
+        let updated = worker.updated.take();
+        let lease_expires = worker.lease_expires.take();
+        let encoded = EncodedWorker::new(worker);
+        worker.status = status;
+        worker.last_heartbeat = last_heartbeat;
+        worker.updated = updated;
+        worker.lease_expires = lease_expires;
 
         let runtimes = record
             .capabilities
@@ -317,14 +329,16 @@ impl WorkerIndex {
         page
     }
 
-    /// Records a registration this process wrote.
-    pub fn registered(&self, record: WorkerRecord, token_hash: &[u8]) {
+    /// Records a registration this process wrote. `worker` is the record
+    /// converted to protobuf for the response; it is encoded from there
+    /// instead of being converted again, and left as it was.
+    pub fn registered(&self, record: WorkerRecord, worker: &mut proto::Worker, token_hash: &[u8]) {
         let row = IndexRow {
             record,
             token_hash: Some(token_hash.to_vec()),
         };
         let id = row.record.id;
-        let entry = Arc::new(Entry::new(row, Instant::now()));
+        let entry = Arc::new(Entry::with_worker(row, worker, Instant::now()));
         self.entries.write().expect("worker index lock").insert(id, entry);
     }
 

@@ -125,13 +125,14 @@ impl WorkerRegistry for RegistryService {
             "worker registered"
         );
 
+        let mut worker = worker_to_proto(&record);
+        self.leases.index().registered(record, &mut worker, &token_hash);
         let response = proto::RegisterResponse {
-            worker: Some(worker_to_proto(&record)),
+            worker: Some(worker),
             session_token: token,
             heartbeat_interval: Some(proto_duration(interval)),
             lease_ttl: Some(proto_duration(lease_ttl)),
         };
-        self.leases.index().registered(record, &token_hash);
         Ok(Response::new(response))
     }
 

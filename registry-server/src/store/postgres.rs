@@ -47,6 +47,12 @@ const WORKER_COLUMNS: &str = r#"
     instance_id, capabilities, last_heartbeat, lease_expires, lease_ttl_ms, heartbeat_interval_ms,
     created, updated"#;
 
+/// [`WORKER_COLUMNS`] without `capabilities`, for writes that know them.
+const WORKER_COLUMNS_BUT_CAPABILITIES: &str = r#"
+    id, name, worker_role::text AS worker_role, status::text AS status, COALESCE(host, '') AS host,
+    instance_id, last_heartbeat, lease_expires, lease_ttl_ms, heartbeat_interval_ms,
+    created, updated"#;
+
 /// Conflict clause of both register upserts, single-row and batch. The
 /// update runs only when the current holder has no live lease at the time
 /// of the new registration (`EXCLUDED.last_heartbeat`) or is the same
@@ -190,6 +196,7 @@ impl PostgresStore {
         let mut ttls = Vec::with_capacity(count);
         let mut intervals = Vec::with_capacity(count);
         let mut since_regained = i64::MAX;
+        let mut documents: HashMap<&str, &Map<String, Json>> = HashMap::with_capacity(count);
         for grant in grants {
             let registration = grant.registration;
             let now = db_time(grant.now);
@@ -197,7 +204,8 @@ impl PostgresStore {
             names.push(registration.name.clone());
             roles.push(registration.role.as_str());
             hosts.push(registration.host.clone());
-            capabilities.push(Json::Object(grant.capabilities.clone()).to_string());
+            capabilities.push(serde_json::to_string(grant.capabilities).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+            documents.insert(registration.name.as_str(), grant.capabilities);
             instance_ids.push(registration.instance_id.clone());
             hashes.push(grant.token_hash.to_vec());
             times.push(now);
@@ -233,7 +241,7 @@ impl PostgresStore {
             ) AS i(name, role, host, capabilities, instance_id, hash, at, expires, ttl_ms, interval_ms)
             ORDER BY i.name
             {REGISTER_ON_CONFLICT}
-            RETURNING {WORKER_COLUMNS}"#
+            RETURNING {WORKER_COLUMNS_BUT_CAPABILITIES}"#
         );
 
         let rows = sqlx::query(&sql)
@@ -251,9 +259,13 @@ impl PostgresStore {
             .fetch_all(&self.pool)
             .await?;
 
+        // A written row holds the capabilities the grant sent, so they are
+        // not read back and parsed again.
         let mut written = HashMap::with_capacity(rows.len());
         for row in &rows {
-            let record = decode_worker(row)?;
+            let name: String = row.try_get("name")?;
+            let document = documents.get(name.as_str()).map(|document| (*document).clone());
+            let record = decode_worker_with(row, document.unwrap_or_default())?;
             written.insert(record.name.clone(), record);
         }
         Ok(written)
@@ -905,9 +917,16 @@ fn is_unavailable_sqlstate(code: &str) -> bool {
 /// Reads a [`WorkerRecord`] from a row with [`WORKER_COLUMNS`].
 fn decode_worker(row: &PgRow) -> Result<WorkerRecord, sqlx::Error> {
     let id: i64 = row.try_get("id")?;
+    let capabilities: SqlJson<Json> = row.try_get("capabilities")?;
+    decode_worker_with(row, capabilities_object(id, capabilities.0)?)
+}
+
+/// Reads a [`WorkerRecord`] from a row without a capabilities column,
+/// with capabilities known beforehand.
+fn decode_worker_with(row: &PgRow, capabilities: Map<String, Json>) -> Result<WorkerRecord, sqlx::Error> {
+    let id: i64 = row.try_get("id")?;
     let role: String = row.try_get("worker_role")?;
     let status: String = row.try_get("status")?;
-    let capabilities: SqlJson<Json> = row.try_get("capabilities")?;
 
     let record = WorkerRecord {
         id,
@@ -916,7 +935,7 @@ fn decode_worker(row: &PgRow) -> Result<WorkerRecord, sqlx::Error> {
         status: parse_column::<Status>(id, "status", &status)?,
         host: row.try_get("host")?,
         instance_id: row.try_get("instance_id")?,
-        capabilities: capabilities_object(id, capabilities.0)?,
+        capabilities,
         last_heartbeat: row.try_get("last_heartbeat")?,
         lease_expires: row.try_get("lease_expires")?,
         lease_ttl: stored_duration(row.try_get("lease_ttl_ms")?),
