@@ -20,9 +20,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     // ListResponse is written by hand in src/list_response.rs, so that the
-    // server can send workers it encoded ahead of time.
+    // server can send workers it encoded ahead of time. The codec in
+    // src/codec.rs starts each call with small buffers.
     tonic_prost_build::configure()
         .extern_path(".registry.v1.ListResponse", "crate::list_response::ListResponse")
+        .codec_path("crate::codec::RegistryCodec")
         .compile_fds(file_descriptors)?;
 
     Ok(())

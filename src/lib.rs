@@ -3,6 +3,7 @@
 //! enforces and the agent checks before it sends anything.
 //!
 //! - [`proto`]: generated `registry.v1` messages, client and server.
+//! - [`codec`]: the gRPC codec of both, with small initial buffers.
 //! - [`domain`]: worker roles, statuses and runtime name normalization.
 //! - [`validation`]: input limits and the checks that enforce them.
 //! - [`json`]: conversion between `google.protobuf.Struct` and JSON.
@@ -11,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod codec;
 pub mod domain;
 pub mod duration;
 pub mod json;

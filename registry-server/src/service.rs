@@ -14,8 +14,6 @@ use futures::Stream;
 use rand::RngCore;
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, instrument, warn};
@@ -142,43 +140,51 @@ impl WorkerRegistry for RegistryService {
         &self,
         request: Request<Streaming<proto::HeartbeatRequest>>,
     ) -> Result<Response<Self::HeartbeatStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (sender, receiver) = mpsc::channel(4);
-        let leases = Arc::clone(&self.leases);
-        let shutdown = self.shutdown.clone();
+        let state = HeartbeatSession {
+            inbound: request.into_inner(),
+            leases: Arc::clone(&self.leases),
+            shutdown: self.shutdown.clone(),
+            token: None,
+            ended: false,
+        };
 
-        // The response stream is returned at once and every message,
-        // the first one included, is checked inside it, so a client that
-        // sends only after the call returns does not wait forever.
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        let status = Status::unavailable("registry is shutting down; reconnect and continue heartbeating");
-                        let _ = sender.send(Err(status)).await;
-                        break;
-                    }
-                    message = inbound.message() => message,
-                };
-
-                let heartbeat = match message {
-                    Ok(Some(heartbeat)) => heartbeat,
-                    Ok(None) => break,
-                    Err(status) => {
-                        debug!(error = %status, "heartbeat stream closed by transport error");
-                        break;
-                    }
-                };
-
-                let response = handle_heartbeat(&leases, &heartbeat).await.map_err(Status::from);
-                let failed = response.is_err();
-                if sender.send(response).await.is_err() || failed {
-                    break;
-                }
+        // The response stream is returned at once and every message, the
+        // first one included, is checked inside it, so a client that sends
+        // only after the call returns does not wait forever. Each response
+        // is computed when the transport asks for the next one, so a stream
+        // needs no task or channel of its own.
+        let responses = futures::stream::unfold(state, |mut session| async move {
+            if session.ended {
+                return None;
             }
+
+            let message = tokio::select! {
+                _ = session.shutdown.cancelled() => {
+                    session.ended = true;
+                    let status = Status::unavailable("registry is shutting down; reconnect and continue heartbeating");
+                    return Some((Err(status), session));
+                }
+                message = session.inbound.message() => message,
+            };
+
+            let heartbeat = match message {
+                Ok(Some(heartbeat)) => heartbeat,
+                Ok(None) => return None,
+                Err(status) => {
+                    debug!(error = %status, "heartbeat stream closed by transport error");
+                    return None;
+                }
+            };
+
+            let token_hash = session.token_hash(&heartbeat.session_token);
+            let response = handle_heartbeat(&session.leases, &heartbeat, token_hash)
+                .await
+                .map_err(Status::from);
+            session.ended = response.is_err();
+            Some((response, session))
         });
 
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(responses)))
     }
 
     #[instrument(name = "rpc.deregister", skip_all, fields(worker_id = request.get_ref().worker_id))]
@@ -291,13 +297,39 @@ impl WorkerRegistry for RegistryService {
     }
 }
 
+/// The state of one Heartbeat stream.
+struct HeartbeatSession {
+    inbound: Streaming<proto::HeartbeatRequest>,
+    leases: Arc<Leases>,
+    shutdown: CancellationToken,
+    /// The last token seen on this stream and its hash: an agent sends the
+    /// same token in every message, so it is hashed once per session.
+    token: Option<(String, [u8; 32])>,
+    /// Set after a response that ends the stream.
+    ended: bool,
+}
+
+impl HeartbeatSession {
+    fn token_hash(&mut self, token: &str) -> [u8; 32] {
+        match &self.token {
+            Some((known, hash)) if known == token => *hash,
+            _ => {
+                let hash = hash_token(token);
+                self.token = Some((token.to_string(), hash));
+                hash
+            }
+        }
+    }
+}
+
+/// Checks one heartbeat whose token hashes to `token_hash` and renews its lease.
 async fn handle_heartbeat(
     leases: &Leases,
     heartbeat: &proto::HeartbeatRequest,
+    token_hash: [u8; 32],
 ) -> Result<proto::HeartbeatResponse, ServiceError> {
     validation::validate_session(heartbeat.worker_id, &heartbeat.session_token)?;
     let status = validation::validate_heartbeat_status(heartbeat.status)?;
-    let token_hash = hash_token(&heartbeat.session_token);
 
     let accepted: HeartbeatAccepted = match leases.heartbeat(heartbeat.worker_id, token_hash, status).await {
         Ok(accepted) => accepted,
