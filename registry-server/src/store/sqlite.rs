@@ -265,7 +265,10 @@ impl Store for SqliteStore {
         }
 
         // The batch travels as one JSON array so that the whole flush is one
-        // statement whatever its size.
+        // statement whatever its size. The unary + keeps SQLite from driving
+        // the join with the status index, which would scan the whole array
+        // once per live worker; with it, each array element looks up its
+        // row by id.
         let batch: Vec<Json> = heartbeats
             .iter()
             .map(|beat| {
@@ -295,7 +298,7 @@ impl Store for SqliteStore {
              ) AS beat
              WHERE worker.id = beat.id
                AND hex(worker.session_token_hash) = beat.hash
-               AND worker.status IN ('active', 'busy')
+               AND +worker.status IN ('active', 'busy')
              RETURNING worker.id",
         )
         .bind(Json::Array(batch).to_string()) // ?1
