@@ -19,55 +19,72 @@ const WORKERS_FIELD: u32 = 1;
 /// Field number of `next_page_token` in `registry.v1.ListResponse`.
 const NEXT_PAGE_TOKEN_FIELD: u32 = 2;
 
-/// The encoded body of one `registry.v1.Worker` message.
+/// The encoded body of one `registry.v1.Worker` message, in up to two
+/// parts that are sent one after the other.
+///
+/// Protobuf merges the fields of concatenated encodings, so a part with
+/// the fields that rarely change and a part with those that often change
+/// make one worker on the wire. Keeping them apart lets a server re-encode
+/// only the second part when it changes, and joining them copies nothing.
 #[derive(Clone, PartialEq, Eq, Default)]
-pub struct EncodedWorker(Bytes);
+pub struct EncodedWorker {
+    first: Bytes,
+    second: Bytes,
+}
 
 impl EncodedWorker {
     /// Encodes `worker`.
     pub fn new(worker: &Worker) -> Self {
-        EncodedWorker(Bytes::from(prost::Message::encode_to_vec(worker)))
+        EncodedWorker {
+            first: Bytes::from(prost::Message::encode_to_vec(worker)),
+            second: Bytes::new(),
+        }
     }
 
-    /// Joins two encoded parts of one worker. Protobuf merges the fields
-    /// of concatenated encodings, so parts that set disjoint fields join
-    /// into the encoding of a worker with the fields of both.
+    /// Joins two encoded parts of one worker that set different fields.
+    /// Two single-part encodings are joined without copying.
     pub fn join(first: &EncodedWorker, second: &EncodedWorker) -> Self {
-        let mut joined = Vec::with_capacity(first.0.len() + second.0.len());
-        joined.extend_from_slice(&first.0);
-        joined.extend_from_slice(&second.0);
-        EncodedWorker(Bytes::from(joined))
-    }
-
-    /// Returns the first `len` bytes, without copying them. Cutting at the end of a
-    /// part that [`EncodedWorker::join`] joined gives that part back.
-    ///
-    /// # Panics
-    ///
-    /// Panics when `len` is longer than the encoding.
-    pub fn prefix(&self, len: usize) -> EncodedWorker {
-        EncodedWorker(self.0.slice(..len))
+        if first.second.is_empty() && second.second.is_empty() {
+            return EncodedWorker {
+                first: first.first.clone(),
+                second: second.first.clone(),
+            };
+        }
+        let mut joined = first.to_vec();
+        joined.extend_from_slice(&second.to_vec());
+        EncodedWorker {
+            first: Bytes::from(joined),
+            second: Bytes::new(),
+        }
     }
 
     /// Length of the encoded message in bytes.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.first.len() + self.second.len()
     }
 
     /// Tells whether the encoding is empty, which is a worker with every field at its default.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
-    /// Returns the encoded bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+    /// Returns the encoded message as one byte vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.len());
+        bytes.extend_from_slice(&self.first);
+        bytes.extend_from_slice(&self.second);
+        bytes
+    }
+
+    fn put(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.first);
+        buf.put_slice(&self.second);
     }
 }
 
 impl fmt::Debug for EncodedWorker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "EncodedWorker({} bytes)", self.0.len())
+        write!(f, "EncodedWorker({} bytes)", self.len())
     }
 }
 
@@ -124,8 +141,8 @@ impl prost::Message for ListResponse {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         for worker in &self.encoded_workers {
             encoding::encode_key(WORKERS_FIELD, WireType::LengthDelimited, buf);
-            encoding::encode_varint(worker.0.len() as u64, buf);
-            buf.put_slice(&worker.0);
+            encoding::encode_varint(worker.len() as u64, buf);
+            worker.put(buf);
         }
         encoding::message::encode_repeated(WORKERS_FIELD, &self.workers, buf);
         if !self.next_page_token.is_empty() {
@@ -152,7 +169,7 @@ impl prost::Message for ListResponse {
             .encoded_workers
             .iter()
             .map(|worker| {
-                encoding::key_len(WORKERS_FIELD) + encoding::encoded_len_varint(worker.0.len() as u64) + worker.0.len()
+                encoding::key_len(WORKERS_FIELD) + encoding::encoded_len_varint(worker.len() as u64) + worker.len()
             })
             .sum();
         let token = if self.next_page_token.is_empty() {
@@ -216,8 +233,18 @@ mod tests {
         };
 
         let joined = EncodedWorker::join(&EncodedWorker::new(&fixed), &EncodedWorker::new(&changing));
+        let decoded = Worker::decode(joined.to_vec().as_slice()).expect("decodes");
+        assert_eq!(decoded.status, WorkerStatus::Busy as i32);
 
-        let decoded = Worker::decode(joined.as_bytes()).expect("decodes");
+        // A joined encoding joins again by copying, with the same result.
+        let again = EncodedWorker::join(&joined, &EncodedWorker::default());
+        assert_eq!(again.to_vec(), joined.to_vec());
+
+        let mut page = ListResponse::default();
+        page.push_encoded(joined);
+        page.push_encoded(again);
+        let received = ListResponse::decode(page.encode_to_vec().as_slice()).expect("decodes");
+        assert_eq!(received.workers, vec![decoded.clone(), decoded.clone()]);
         assert_eq!(decoded.status, WorkerStatus::Busy as i32);
         assert_eq!(decoded.name, "worker-7");
         assert_eq!(decoded.runtimes, worker(7).runtimes);

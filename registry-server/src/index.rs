@@ -68,6 +68,8 @@ struct Fixed {
     /// String-valued pairs of the `labels` object of the capabilities document.
     labels: BTreeMap<String, String>,
     token_hash: Option<Vec<u8>>,
+    /// The worker without the fields in [`Changes`].
+    encoded: EncodedWorker,
 }
 
 /// One worker as the index keeps it.
@@ -75,11 +77,8 @@ struct Fixed {
 struct Entry {
     fixed: Arc<Fixed>,
     changes: Changes,
-    /// The fields that only a registration changes, followed by the
-    /// fields in `changes`.
-    encoded: EncodedWorker,
-    /// Length of the first part of `encoded`.
-    fixed_len: usize,
+    /// `changes`, encoded as the worker fields they are.
+    encoded_changes: EncodedWorker,
     /// When this process last wrote the entry.
     changed_at: Instant,
 }
@@ -120,6 +119,7 @@ impl Entry {
             runtimes,
             labels,
             token_hash: row.token_hash,
+            encoded,
         };
         let changes = Changes {
             status: record.status,
@@ -130,22 +130,24 @@ impl Entry {
         Entry {
             fixed: Arc::new(fixed),
             changes,
-            fixed_len: encoded.len(),
-            encoded: encoded.join_changes(&changes),
+            encoded_changes: changes.encode(),
             changed_at,
         }
     }
 
     /// Returns a copy with new changing fields and their encoding.
     fn with_changes(&self, changes: Changes, changed_at: Instant) -> Entry {
-        let fixed = self.encoded.prefix(self.fixed_len);
         Entry {
             fixed: Arc::clone(&self.fixed),
             changes,
-            encoded: fixed.join_changes(&changes),
-            fixed_len: self.fixed_len,
+            encoded_changes: changes.encode(),
             changed_at,
         }
+    }
+
+    /// The whole worker, encoded.
+    fn encoded(&self) -> EncodedWorker {
+        EncodedWorker::join(&self.fixed.encoded, &self.encoded_changes)
     }
 
     fn matches(&self, filter: &ListFilter, cutoff: &Cutoff) -> bool {
@@ -176,24 +178,6 @@ impl Entry {
     }
 }
 
-/// Appends the encoding of changing fields to a fixed part.
-trait JoinChanges {
-    fn join_changes(&self, changes: &Changes) -> EncodedWorker;
-}
-
-impl JoinChanges for EncodedWorker {
-    fn join_changes(&self, changes: &Changes) -> EncodedWorker {
-        let changing = proto::Worker {
-            status: changes.status.to_proto() as i32,
-            last_heartbeat: changes.last_heartbeat.map(proto_timestamp),
-            updated: Some(proto_timestamp(changes.updated)),
-            lease_expires: changes.lease_expires.map(proto_timestamp),
-            ..proto::Worker::default()
-        };
-        EncodedWorker::join(self, &EncodedWorker::new(&changing))
-    }
-}
-
 /// The fields of an entry that change without a new registration.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Changes {
@@ -201,6 +185,20 @@ struct Changes {
     last_heartbeat: Option<DateTime<Utc>>,
     lease_expires: Option<DateTime<Utc>>,
     updated: DateTime<Utc>,
+}
+
+impl Changes {
+    /// Encodes these fields as a worker with no other field set.
+    fn encode(&self) -> EncodedWorker {
+        let changing = proto::Worker {
+            status: self.status.to_proto() as i32,
+            last_heartbeat: self.last_heartbeat.map(proto_timestamp),
+            updated: Some(proto_timestamp(self.updated)),
+            lease_expires: self.lease_expires.map(proto_timestamp),
+            ..proto::Worker::default()
+        };
+        EncodedWorker::new(&changing)
+    }
 }
 
 /// The heartbeat age filter, resolved against the current time.
@@ -323,7 +321,7 @@ impl WorkerIndex {
                 page.more_after = Some(last_id);
                 break;
             }
-            page.workers.push(entry.encoded.clone());
+            page.workers.push(entry.encoded());
             last_id = *id;
         }
         page

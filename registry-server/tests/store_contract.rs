@@ -251,7 +251,7 @@ fn index_workers(index: &WorkerIndex, filter: &ListFilter, now: DateTime<Utc>) -
         .list(filter, 0, now)
         .workers
         .iter()
-        .map(|encoded| proto::Worker::decode(encoded.as_bytes()).expect("index entry decodes"))
+        .map(|encoded| proto::Worker::decode(encoded.to_vec().as_slice()).expect("index entry decodes"))
         .collect()
 }
 
