@@ -49,7 +49,7 @@ const LOAD_PAGE: i64 = 2000;
 /// Rows carry the writer's clock. A flushed heartbeat carries its arrival
 /// time, which is up to one flush interval before the write. The margin
 /// covers both, with room for clock differences between replicas.
-const CLOCK_MARGIN: Duration = Duration::from_secs(2);
+const CLOCK_MARGIN: Duration = Duration::from_secs(1);
 
 /// Refresh intervals after which List stops trusting an index whose
 /// refreshes fail.

@@ -291,7 +291,7 @@ pub struct RowChange {
 /// Result of [`Store::index_changes`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct IndexChanges {
-    /// Rows changed at or after the given time, in id order.
+    /// Rows changed at or after the given time, in no particular order.
     pub rows: Vec<RowChange>,
     /// Number of rows in the table.
     pub total: i64,

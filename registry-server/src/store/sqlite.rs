@@ -532,7 +532,7 @@ impl Store for SqliteStore {
     async fn index_changes(&self, since: DateTime<Utc>) -> StoreResult<IndexChanges> {
         let rows = sqlx::query(
             "SELECT id, status, last_heartbeat, lease_expires, updated, session_token_hash \
-             FROM worker WHERE updated >= ?1 ORDER BY id",
+             FROM worker WHERE updated >= ?1",
         )
         .bind(format_sqlite_time(since))
         .fetch_all(&self.pool)
