@@ -371,7 +371,7 @@ fn heartbeat_row(
         None => {
             row.rate = format!(
                 "none passed (first step {:.0}/s)",
-                args.start_rate.unwrap_or(args.agents as f64)
+                args.start_rate.unwrap_or(default_start_rate(args.agents))
             );
             row.p50 = "-".into();
             row.p99 = "-".into();
