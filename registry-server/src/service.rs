@@ -151,8 +151,8 @@ impl WorkerRegistry for RegistryService {
         // The response stream is returned at once and every message, the
         // first one included, is checked inside it, so a client that sends
         // only after the call returns does not wait forever. Each response
-        // is computed when the transport asks for the next one, so a stream
-        // needs no task or channel of its own.
+        // is computed when the transport polls for the next one, so a
+        // stream needs no task or channel of its own.
         let responses = futures::stream::unfold(state, |mut session| async move {
             if session.ended {
                 return None;

@@ -259,7 +259,7 @@ impl PostgresStore {
             .fetch_all(&self.pool)
             .await?;
 
-        // A written row holds the capabilities the grant sent, so they are
+        // A written row has the capabilities the grant sent, so they are
         // not read back and parsed again.
         let mut written = HashMap::with_capacity(rows.len());
         for row in &rows {
@@ -774,9 +774,9 @@ impl HeartbeatBatch {
         for heartbeat in heartbeats {
             match positions.entry((heartbeat.worker_id, heartbeat.token_hash.as_slice())) {
                 std::collections::hash_map::Entry::Occupied(slot) => {
-                    let kept = &mut latest[*slot.get()];
-                    if kept.at <= heartbeat.at {
-                        *kept = heartbeat;
+                    let latest_write = &mut latest[*slot.get()];
+                    if latest_write.at <= heartbeat.at {
+                        *latest_write = heartbeat;
                     }
                 }
                 std::collections::hash_map::Entry::Vacant(slot) => {

@@ -266,9 +266,9 @@ impl Store for SqliteStore {
 
         // The batch travels as one JSON array so that the whole flush is one
         // statement whatever its size. The unary + keeps SQLite from driving
-        // the join with the status index, which would scan the whole array
-        // once per live worker; with it, each array element looks up its
-        // row by id.
+        // the join with the status index, because that plan scans the whole
+        // array once per live worker. With it, each array element looks up
+        // its row by id.
         let batch: Vec<Json> = heartbeats
             .iter()
             .map(|beat| {
