@@ -64,7 +64,7 @@ pub struct Flags {
     #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
     pub flush_interval: Option<Duration>,
 
-    /// Time between reads of rows that other replicas changed, for List [default: 1s].
+    /// Time between reads of rows that other replicas changed, for List; 100ms to 10m [default: 1s].
     #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
     pub index_refresh_interval: Option<Duration>,
 
@@ -150,6 +150,11 @@ pub struct RegistrySettings {
     /// Share of the fleet the guard expires per sweep.
     pub mass_expiry_rate: f64,
 }
+
+/// Shortest allowed `registry.index_refresh_interval`.
+const MIN_INDEX_REFRESH: Duration = Duration::from_millis(100);
+/// Longest allowed `registry.index_refresh_interval`.
+const MAX_INDEX_REFRESH: Duration = Duration::from_secs(600);
 
 /// Section `log`.
 #[derive(Debug, Clone, Deserialize)]
@@ -251,9 +256,13 @@ impl Settings {
             !registry.flush_interval.is_zero(),
             "registry.flush_interval must be greater than 0"
         );
+        // Below 100 ms the refresh queries alone keep a CPU busy; above 10
+        // minutes other replicas' writes would be missing from List for
+        // longer than any lease.
         anyhow::ensure!(
-            !registry.index_refresh_interval.is_zero(),
-            "registry.index_refresh_interval must be greater than 0"
+            (MIN_INDEX_REFRESH..=MAX_INDEX_REFRESH).contains(&registry.index_refresh_interval),
+            "registry.index_refresh_interval must be between 100ms and 10m, got {:?}",
+            registry.index_refresh_interval
         );
 
         anyhow::ensure!(

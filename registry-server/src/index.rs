@@ -11,9 +11,9 @@
 //! - Writes of this process (Register, Deregister, heartbeat flushes and
 //!   expiry sweeps) update it as soon as the database confirms them.
 //! - A refresh loop reads the rows whose `updated` changed since its last
-//!   look, which brings in the writes of other replicas, counts the rows to
-//!   notice deletions, and reloads everything every [`FULL_RELOAD_EVERY`]
-//!   refreshes to catch edits made by hand without touching `updated`.
+//!   look, which brings in the writes of other replicas, and counts the
+//!   rows to notice deletions. Every [`FULL_RELOAD_EVERY`] it reads the
+//!   whole table instead, to catch edits made by hand.
 //!
 //! A row read from the database replaces an entry unless this process
 //! changed the entry after the read started, so a slow read never rolls
@@ -39,8 +39,8 @@ use crate::clock::Clock;
 use crate::service::{proto_timestamp, string_labels, worker_to_proto};
 use crate::store::{HeartbeatWrite, IndexRow, RowChange, RowSelection, Store, StoreResult, WorkerRecord};
 
-/// Every this many refreshes the whole table is read again.
-pub const FULL_RELOAD_EVERY: u32 = 300;
+/// Time between two reads of the whole table.
+pub const FULL_RELOAD_EVERY: Duration = Duration::from_secs(300);
 
 /// Rows per page of a full load.
 const LOAD_PAGE: i64 = 2000;
@@ -548,7 +548,7 @@ impl WorkerIndex {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let overlap = TimeDelta::from_std(interval + timing.flush_interval + CLOCK_MARGIN).unwrap_or(TimeDelta::MAX);
         let mut last_start = loaded_at;
-        let mut refreshes: u32 = 0;
+        let mut last_full = Instant::now();
         let mut failures: u64 = 0;
 
         loop {
@@ -559,7 +559,7 @@ impl WorkerIndex {
 
             let start = clock.now();
             let started = Instant::now();
-            let full = last_start.is_none() || refreshes >= FULL_RELOAD_EVERY;
+            let full = last_start.is_none() || last_full.elapsed() >= FULL_RELOAD_EVERY;
             let result = match last_start {
                 Some(previous) if !full => self.refresh(store.as_ref(), previous - overlap).await,
                 _ => self.reload(store.as_ref()).await,
@@ -574,7 +574,9 @@ impl WorkerIndex {
                     } else {
                         debug!(rows = read, full, elapsed_ms, "worker index refreshed");
                     }
-                    refreshes = if full { 0 } else { refreshes + 1 };
+                    if full {
+                        last_full = started;
+                    }
                     last_start = Some(start);
                     failures = 0;
                 }

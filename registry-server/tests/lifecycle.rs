@@ -298,10 +298,18 @@ fn invalid_config_names_key() {
     std::fs::write(&typo, "registry:\n  lisen: 127.0.0.1:1\n").unwrap();
     let typo = typo.to_str().unwrap();
 
-    let cases: [(&[&str], &[&str]); 5] = [
+    let cases: [(&[&str], &[&str]); 7] = [
         (
             &["--min-heartbeat-interval", "10s", "--heartbeat-interval", "5s"],
             &["registry.heartbeat_interval", "registry.min_heartbeat_interval"],
+        ),
+        (
+            &["--index-refresh-interval", "50ms"],
+            &["registry.index_refresh_interval", "between 100ms and 10m"],
+        ),
+        (
+            &["--index-refresh-interval", "11m"],
+            &["registry.index_refresh_interval", "between 100ms and 10m"],
         ),
         (&["--config", config], &["missed_heartbeats"]),
         (&["--config", typo], &["registry.lisen"]),
