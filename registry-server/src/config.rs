@@ -256,9 +256,9 @@ impl Settings {
             !registry.flush_interval.is_zero(),
             "registry.flush_interval must be greater than 0"
         );
-        // Below 100 ms the refresh queries alone keep a CPU busy; above 10
-        // minutes other replicas' writes would be missing from List for
-        // longer than any lease.
+        // Below 100 ms the refresh queries alone keep a CPU busy. Above 10
+        // minutes, a replica's List would miss other replicas'
+        // registrations and expiries for that long.
         anyhow::ensure!(
             (MIN_INDEX_REFRESH..=MAX_INDEX_REFRESH).contains(&registry.index_refresh_interval),
             "registry.index_refresh_interval must be between 100ms and 10m, got {:?}",

@@ -145,7 +145,7 @@ impl Entry {
         }
     }
 
-    /// The whole worker, encoded.
+    /// Returns the whole worker, encoded.
     fn encoded(&self) -> EncodedWorker {
         EncodedWorker::join(&self.fixed.encoded, &self.encoded_changes)
     }
@@ -389,6 +389,10 @@ impl WorkerIndex {
     /// Applies `change` to the entries of `ids`. New entries are built
     /// outside the write lock, so a large flush does not hold up List
     /// calls. An entry replaced in the meantime keeps its newer version.
+    ///
+    /// NOTE: when a refresh replaced the entry with a row it read before
+    /// this write was committed, the entry shows the older row until the
+    /// next refresh reads it again, about one refresh interval later.
     fn change_many(&self, ids: &[i64], changed_at: Instant, change: impl Fn((i64, &Entry)) -> Option<Changes>) {
         let current: Vec<(i64, Arc<Entry>)> = {
             let entries = self.entries.read().expect("worker index lock");

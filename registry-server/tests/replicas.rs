@@ -30,7 +30,7 @@ const FAST_SERVER: [&str; 10] = [
     "200ms",
 ];
 
-/// Longest wait for a change made through one replica to show in the
+/// Maximum wait for a change made through one replica to show in the
 /// other's List: one refresh interval plus room for a slow machine.
 const LIST_VISIBLE_WITHIN: Duration = Duration::from_secs(2);
 

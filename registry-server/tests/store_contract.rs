@@ -2153,8 +2153,8 @@ async fn index_keeps_newer_local_writes(fixture: &Fixture) {
     let index = WorkerIndex::new();
     index.reload(store).await.unwrap();
 
-    // The database still says active; the index learns of an expiry that
-    // this process wrote after the refresh below started reading.
+    // The database still has the worker active. The index learns of an
+    // expiry that this process wrote after the refresh below started reading.
     let mut refresh = std::pin::pin!(index.refresh(store, at(0)));
     assert!(
         futures::poll!(&mut refresh).is_pending(),
