@@ -357,16 +357,8 @@ fn heartbeat_row(
             row.rate = format!("{:.0}/s", step.acks_per_second);
             row.p50 = millis(step.latency.p50_ms);
             row.p99 = millis(step.latency.p99_ms);
-            row.server_cpu = step
-                .window
-                .server_cpu
-                .map(|cpu| format!("{:.2}", cpu / step.window.seconds))
-                .unwrap_or_else(|| "-".into());
-            row.database = step
-                .window
-                .commits_per_second
-                .map(|commits| format!("{commits:.1} commits/s"))
-                .unwrap_or_else(|| "-".into());
+            row.server_cpu = step.window.server_cpu_text();
+            row.database = step.window.commits_text(1);
         }
         None => {
             row.rate = format!(
@@ -426,17 +418,9 @@ async fn run_storm(args: StormArgs) -> anyhow::Result<()> {
         rate: format!("{:.0}/s", result.registered as f64 / result.elapsed_seconds),
         p50: millis(result.latency.p50_ms),
         p99: millis(result.latency.p99_ms),
-        server_cpu: result
-            .window
-            .server_cpu
-            .map(|cpu| format!("{:.2}", cpu / result.window.seconds))
-            .unwrap_or_else(|| "-".into()),
+        server_cpu: result.window.server_cpu_text(),
         server_rss: observer.server_peak_kib().map(mebibytes).unwrap_or_else(|| "-".into()),
-        database: result
-            .window
-            .commits_per_second
-            .map(|commits| format!("{commits:.0} commits/s"))
-            .unwrap_or_else(|| "-".into()),
+        database: result.window.commits_text(0),
         notes: format!("{}; errors {errors}", notes.join("; ")),
     };
     report::emit(args.common.table.as_deref(), &row)
@@ -470,17 +454,9 @@ async fn run_list(args: ListArgs) -> anyhow::Result<()> {
         rate: format!("{calls_per_second:.0} calls/s"),
         p50: millis(result.latency.p50_ms),
         p99: millis(result.latency.p99_ms),
-        server_cpu: result
-            .window
-            .server_cpu
-            .map(|cpu| format!("{:.2}", cpu / result.window.seconds))
-            .unwrap_or_else(|| "-".into()),
+        server_cpu: result.window.server_cpu_text(),
         server_rss: observer.server_peak_kib().map(mebibytes).unwrap_or_else(|| "-".into()),
-        database: result
-            .window
-            .commits_per_second
-            .map(|commits| format!("{commits:.0} commits/s"))
-            .unwrap_or_else(|| "-".into()),
+        database: result.window.commits_text(0),
         notes: notes.join("; "),
     };
     report::emit(args.common.table.as_deref(), &row)
@@ -519,11 +495,7 @@ async fn run_direct(args: DirectArgs) -> anyhow::Result<()> {
             .map(|cpu| format!("{:.2} (PostgreSQL backends)", cpu / result.window.seconds))
             .unwrap_or_else(|| "-".into()),
         server_rss: "-".into(),
-        database: result
-            .window
-            .commits_per_second
-            .map(|commits| format!("{commits:.0} commits/s"))
-            .unwrap_or_else(|| "-".into()),
+        database: result.window.commits_text(0),
         notes: notes.join("; "),
     };
     report::emit(args.common.table.as_deref(), &row)

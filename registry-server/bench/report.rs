@@ -101,6 +101,23 @@ pub struct Window {
     pub backend_cpu: Option<f64>,
 }
 
+impl Window {
+    /// Formats the server's CPU seconds per second, or `-` when unknown.
+    pub fn server_cpu_text(&self) -> String {
+        self.server_cpu
+            .map(|cpu| format!("{:.2}", cpu / self.seconds))
+            .unwrap_or_else(|| "-".into())
+    }
+
+    /// Formats the commits per second with `decimals` decimals, or `-`
+    /// when unknown.
+    pub fn commits_text(&self, decimals: usize) -> String {
+        self.commits_per_second
+            .map(|commits| format!("{commits:.decimals$} commits/s"))
+            .unwrap_or_else(|| "-".into())
+    }
+}
+
 impl PgObserver {
     /// Connects to `url`, a database other than the observed one so the
     /// observer's own queries do not count in its commits.
