@@ -354,15 +354,9 @@ impl WorkerIndex {
 
     /// Records the heartbeats a flush wrote, for the workers in `written`.
     pub fn heartbeats_written(&self, batch: &[HeartbeatWrite], written: &[i64]) {
-        let written: HashSet<i64> = written.iter().copied().collect();
-        let writes: HashMap<i64, &HeartbeatWrite> = batch
-            .iter()
-            .filter(|write| written.contains(&write.worker_id))
-            .map(|write| (write.worker_id, write))
-            .collect();
-        let ids: Vec<i64> = writes.keys().copied().collect();
+        let writes: HashMap<i64, &HeartbeatWrite> = batch.iter().map(|write| (write.worker_id, write)).collect();
 
-        self.change_many(&ids, Instant::now(), |entry| {
+        self.change_many(written, Instant::now(), |entry| {
             let write = writes.get(&entry.0)?;
             let at = write.at.trunc_subsecs(3);
             Some(Changes {
